@@ -1,0 +1,146 @@
+"""Speed and quality of Bayes by Backprop on the seed workload.
+
+MLP 1-50-50-2, last layer Bayesian, batch 32, 150 epochs (20 of burn-in), S=10 weight samples in
+training and 25 in prediction, one thread. Three fits of the same math, measured in one run:
+
+- ``eager``: a hand-written PyTorch loop (no Lightning, no uq_box), S samples as one batched matmul;
+  the floor.
+- ``uq_box``: ``BNNVIRegression`` with a plain ``lightning.Trainer``.
+- ``loop``: the same uq_box model with a Python loop over the S samples (each runs the whole
+  network, as peers do).
+
+Run: ``python benchmarks/bnn_vi_seed.py [--repeats 3]``; prints medians and ratios, and the test
+metrics of the uq_box fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning import Trainer, seed_everything
+from torch import nn
+
+from uq_box.datamodules import ToyHeteroscedasticDatamodule
+from uq_box.losses import NLL
+from uq_box.methods import BNNVIRegression
+from uq_box.models import MLP
+
+EPOCHS, BURNIN, BATCH, S_TRAIN, S_TEST, LR = 150, 20, 32, 10, 25, 3e-3
+
+
+def eager_fit(dm: ToyHeteroscedasticDatamodule) -> float:
+    """The same math by hand: deterministic body, Bayesian last layer, exact ELBO."""
+    x_all, y_all = dm.X_train, dm.Y_train
+    n = len(x_all)
+    body = nn.Sequential(nn.Linear(1, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU())
+    last = nn.Linear(50, 2)
+    w_mu = nn.Parameter(last.weight.detach().clone())
+    b_mu = nn.Parameter(last.bias.detach().clone())
+    w_rho = nn.Parameter(torch.full_like(w_mu, -5.0))
+    b_rho = nn.Parameter(torch.full_like(b_mu, -5.0))
+    params = [*body.parameters(), w_mu, b_mu, w_rho, b_rho]
+    opt = torch.optim.Adam(params, lr=LR)
+    start = time.perf_counter()
+    for epoch in range(EPOCHS):
+        order = torch.randperm(n)
+        for i in range(0, n, BATCH):
+            idx = order[i : i + BATCH]
+            x, y = x_all[idx], y_all[idx]
+            h = body(x)
+            w_sig, b_sig = F.softplus(w_rho), F.softplus(b_rho)
+            w = w_mu + w_sig * torch.randn(S_TRAIN, *w_mu.shape)
+            b = b_mu + b_sig * torch.randn(S_TRAIN, *b_mu.shape)
+            out = torch.matmul(h, w.transpose(1, 2)) + b[:, None]
+            mean, std = out[..., :1], F.softplus(out[..., 1:]) + 1e-6
+            if epoch < BURNIN:
+                data = ((mean - y) ** 2).mean()
+            else:
+                data = (
+                    0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((y - mean) / std) ** 2
+                ).mean()
+            kl = sum(
+                (torch.log(1.0 / s) + (s**2 + m**2) / 2 - 0.5).sum()
+                for m, s in ((w_mu, w_sig), (b_mu, b_sig))
+            )
+            loss = data + kl / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+class LoopBNN(BNNVIRegression):
+    """The same model, sampling with a Python loop over full forward passes."""
+
+    def sample_outputs(self, x, num_samples):  # noqa: D102
+        return torch.stack([self.model(x) for _ in range(num_samples)])
+
+
+def uq_box_fit(dm: ToyHeteroscedasticDatamodule, cls: type = BNNVIRegression):
+    network = MLP(n_inputs=1, n_hidden=[50, 50], n_outputs=2, activation_fn=nn.ReLU())
+    model = cls(
+        network,
+        optimizer=partial(torch.optim.Adam, lr=LR),
+        criterion=NLL(),
+        stochastic_module_names=[-1],
+        num_mc_samples_train=S_TRAIN,
+        num_mc_samples_test=S_TEST,
+        burnin_epochs=BURNIN,
+    )
+    trainer = Trainer(
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    seconds = time.perf_counter() - start
+    return seconds, model, trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seed_everything(0, verbose=False)
+    dm = ToyHeteroscedasticDatamodule(batch_size=BATCH, n_points=500)
+    steps = EPOCHS * len(dm.train_dataloader())
+    times: dict[str, list[float]] = {"eager": [], "uq_box": [], "loop": []}
+    for repeat in range(args.repeats):
+        seed_everything(repeat, verbose=False)
+        times["eager"].append(eager_fit(dm))
+        seed_everything(repeat, verbose=False)
+        seconds, model, trainer = uq_box_fit(dm)
+        times["uq_box"].append(seconds)
+        seed_everything(repeat, verbose=False)
+        times["loop"].append(uq_box_fit(dm, LoopBNN)[0])
+        if repeat == 0:
+            metrics = trainer.test(model, dm, verbose=False)[0]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"seed workload: {len(dm.X_train)} training points, {steps} steps, S={S_TRAIN}, 1 thread")
+    for name, value in med.items():
+        print(
+            f"  {name:7s} fit {value:6.2f} s  {1000 * value / steps:6.3f} ms/step  (runs: "
+            + ", ".join(f"{t:.2f}" for t in times[name])
+            + ")"
+        )
+    print(f"  uq_box / eager = {med['uq_box'] / med['eager']:.2f}x (target <= 2x)")
+    print(f"  loop / uq_box  = {med['loop'] / med['uq_box']:.2f}x (target >= 5x)")
+    print("test metrics of the uq_box fit (1000 test points, S=25):")
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

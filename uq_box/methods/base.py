@@ -1,0 +1,319 @@
+"""Base classes of the UQ methods.
+
+A method is :class:`UQMethod` (optimizer set-up, the training/validation/test/predict loop,
+logging) plus a *task* mixin (:class:`RegressionTask`) that says how outputs become a predictive
+distribution, which loss and metrics apply, and what output width the network must have. A method
+family only implements :meth:`UQMethod.sample_outputs` (and :meth:`UQMethod.loss` where the
+training objective is not the plain data loss), so ``XRegression`` and ``XClassification`` are
+thin subclasses that share one constructor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanSquaredError, Metric
+
+from uq_box.losses import MSE, NLL
+from uq_box.methods.predictive import (
+    criterion_mean_and_std,
+    criterion_num_outputs,
+    regression_predictive,
+)
+from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
+
+OptimizerCallable = Callable[[Iterable], Optimizer]
+LRSchedulerCallable = Callable[[Optimizer], Any]
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(inputs, targets)`` of a batch given as a dict, a tuple/list or a bare input tensor."""
+    if isinstance(batch, dict):
+        if "input" not in batch:
+            raise KeyError(f"a batch dict needs the key 'input'; it has {sorted(batch)}")
+        return batch["input"], batch.get("target")
+    if isinstance(batch, list | tuple):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, Tensor):
+        return batch, None
+    raise TypeError(f"a batch must be a dict, tuple or tensor, got {type(batch).__name__}")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode and restore each submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class UQMethod(LightningModule):
+    """Training loop, logging and prediction shared by every method.
+
+    Args:
+        model: the backbone (any ``nn.Module``).
+        criterion: the data loss; the task's default when ``None``.
+        optimizer: callable taking the parameters, e.g. ``partial(torch.optim.Adam, lr=1e-3)``
+            (Adam with ``lr=1e-3`` when ``None``).
+        lr_scheduler: callable taking the optimizer (``ReduceLROnPlateau`` watches ``val_loss``).
+    """
+
+    #: Monte Carlo samples (or members) used at prediction; methods that sample override it.
+    num_mc_samples_test: int = 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(
+                f"`optimizer` must be a callable taking the parameters, e.g. "
+                f"partial(torch.optim.Adam, lr=1e-3), got {type(optimizer).__name__}"
+            )
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(
+                f"`lr_scheduler` must be a callable taking the optimizer, got "
+                f"{type(lr_scheduler).__name__}"
+            )
+        self.model = model
+        self.criterion = self.default_criterion() if criterion is None else criterion
+        self.check_criterion(self.criterion)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.val_metrics = self.build_metrics()
+        self.test_metrics = self.build_metrics()
+        self._running: dict[str, list[Tensor]] = {}
+
+    # -- task hooks (RegressionTask, ClassificationTask) -------------------------------------
+    def default_criterion(self) -> nn.Module:
+        """The task's loss when none is given."""
+        raise NotImplementedError
+
+    def check_criterion(self, criterion: nn.Module) -> None:
+        """Fail early on a criterion the task cannot use."""
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """Fresh metrics for one stage."""
+        return nn.ModuleDict()
+
+    def predictive(self, outputs: Tensor) -> dict[str, Tensor]:
+        """The prediction contract's dict from raw outputs ``[S, N, ...]``."""
+        raise NotImplementedError
+
+    def data_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Mean data loss of outputs ``[S, B, ...]`` (checks the output width)."""
+        raise NotImplementedError
+
+    def update_metrics(
+        self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
+    ) -> None:
+        """Feed one batch of predictions to ``metrics``."""
+        raise NotImplementedError
+
+    def running_terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Cheap per-batch figures (e.g. squared error) averaged over each epoch."""
+        return {}
+
+    # -- method hooks -------------------------------------------------------------------------
+    def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
+        """Raw network outputs ``[S, N, ...]`` for ``S = num_samples`` samples or members."""
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The training objective: (``{"loss": ..., other terms}``, raw outputs ``[S, B, ...]``)."""
+        outputs = self.sample_outputs(x, getattr(self, "num_mc_samples_train", 1))
+        return {"loss": self.data_loss(outputs, target)}, outputs
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """The backbone's output (one sample for a stochastic network)."""
+        return self.model(x)
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer (and scheduler) from the callables given at construction."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = (self.optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3)))(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val_loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One optimization step on the method's objective."""
+        x, target = self._inputs_and_targets(batch, "train")
+        terms, outputs = self.loss(x, target)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step "
+                f"{self.global_step} (batch {batch_idx}); check the data for outliers, lower the "
+                f"learning rate, or raise the criterion's `min_std`"
+            )
+        self._accumulate("train", {**terms, **self.running_terms(outputs, target)}, len(x))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Objective and predictive metrics on validation data."""
+        x, target = self._inputs_and_targets(batch, "val")
+        terms, outputs = self.loss(x, target)
+        self._accumulate("val", {**terms, **self.running_terms(outputs, target)}, len(x))
+        self.update_metrics(self.val_metrics, self.predict_step(x), target)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Predictive metrics on test data."""
+        x, target = self._inputs_and_targets(batch, "test")
+        self.update_metrics(self.test_metrics, self.predict_step(x), target)
+
+    def predict_step(
+        self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """Predictive distribution of a batch (or a bare input tensor), see DESIGN.md."""
+        x, _ = unpack_batch(batch)
+        with torch.no_grad(), eval_mode(self.model):
+            outputs = self.sample_outputs(x.to(self.device), self.num_mc_samples_test)
+            return self.predictive(outputs)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch means of the training terms."""
+        self._log_running("train")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation terms and metrics."""
+        self._log_running("val")
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test metrics."""
+        self._log_metrics(self.test_metrics, "test")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _inputs_and_targets(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
+        x, target = unpack_batch(batch)
+        if target is None:
+            raise ValueError(
+                f"the {stage} batches carry no targets; expected {{'input', 'target'}}"
+            )
+        return x, target
+
+    def _accumulate(self, stage: str, terms: dict[str, Tensor], weight: int) -> None:
+        for name, value in terms.items():
+            key = f"{stage}_{name}"
+            total = value.detach() * weight
+            if key in self._running:
+                self._running[key][0] += total
+                self._running[key][1] += weight
+            else:
+                self._running[key] = [total, weight]
+
+    def _log_running(self, stage: str) -> None:
+        values = {}
+        for key in [k for k in self._running if k.startswith(f"{stage}_")]:
+            total, count = self._running.pop(key)
+            value = total / count
+            if key.endswith("_mse"):
+                key, value = key[: -len("mse")] + "rmse", value.sqrt()
+            values[key] = value
+        if values:
+            # one call: every self.log at epoch end costs a pass over Lightning's results
+            self.log_dict(values, sync_dist=True)
+
+    def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
+        for name, metric in metrics.items():
+            if metric.update_called:
+                self.log(f"{stage}_{name}", metric.compute())
+            metric.reset()
+
+
+class RegressionTask:
+    """Regression: Gaussian predictive, NLL/RMSE/CRPS/coverage/calibration metrics.
+
+    Mix in before the method family (``class XRegression(RegressionTask, X)``).
+    """
+
+    criterion: nn.Module
+
+    def default_criterion(self) -> nn.Module:
+        """Heteroscedastic Gaussian NLL (2 outputs per target)."""
+        return NLL()
+
+    def check_criterion(self, criterion: nn.Module) -> None:
+        """The criterion must be a module taking ``(outputs, target)``."""
+        if not isinstance(criterion, nn.Module):
+            raise TypeError(
+                f"`criterion` must be an nn.Module such as uq_box.losses.NLL(), got "
+                f"{type(criterion).__name__}"
+            )
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """NLL, RMSE, CRPS, 95% coverage and miscalibration area."""
+        metrics: dict[str, Metric] = {
+            "nll": GaussianNLL(),
+            "rmse": MeanSquaredError(squared=False),
+            "crps": CRPS(),
+            "coverage_95": IntervalCoverage(level=0.95),
+            "miscalibration_area": MiscalibrationArea(),
+        }
+        return nn.ModuleDict(metrics)
+
+    def predictive(self, outputs: Tensor) -> dict[str, Tensor]:
+        """Gaussian mixture moments, see :func:`regression_predictive`."""
+        return regression_predictive(outputs, self.criterion)
+
+    def check_outputs(self, outputs: Tensor, target: Tensor) -> None:
+        """The network must give ``criterion.num_outputs`` outputs per target."""
+        expected = criterion_num_outputs(self.criterion) * target.shape[-1]
+        if outputs.shape[-1] != expected:
+            raise ValueError(
+                f"the network gives {outputs.shape[-1]} outputs per point but the criterion "
+                f"{type(self.criterion).__name__} needs {expected} for {target.shape[-1]} "
+                f"target(s); set the network's `n_outputs` to {expected} or change `criterion`"
+            )
+
+    def data_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Criterion over all samples and points."""
+        self.check_outputs(outputs, target)
+        return self.criterion(outputs, target)
+
+    def mean_squared_error(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """MSE of each sample's mean output, used for burn-in."""
+        self.check_outputs(outputs, target)
+        means, _ = criterion_mean_and_std(self.criterion, outputs)
+        return ((means - target) ** 2).mean()
+
+    def running_terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Squared error of the sample-mean prediction (logged as ``rmse``)."""
+        means, _ = criterion_mean_and_std(self.criterion, outputs)
+        return {"mse": ((means.mean(0) - target) ** 2).mean()}
+
+    def update_metrics(
+        self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
+    ) -> None:
+        """Feed the predictive mean and total std to the metrics."""
+        target = target.to(preds["pred"].dtype)
+        for name, metric in metrics.items():
+            if name == "rmse":
+                metric.update(preds["pred"], target)
+            else:
+                metric.update(preds["pred"], preds["pred_uct"], target)
+
+
+__all__ = ["MSE", "RegressionTask", "UQMethod", "eval_mode", "unpack_batch"]

@@ -1,0 +1,142 @@
+"""Bayes by Backprop: mean-field variational inference over (some of) the weights.
+
+Blundell, Cornebise, Kavukcuoglu & Wierstra 2015, "Weight Uncertainty in Neural Networks".
+The chosen layers become mean-field Gaussian (:func:`uq_box.nn.to_bayesian`); training minimizes
+the negative ELBO with the exact scaling of :func:`uq_box.losses.elbo_loss`, and the ``S`` Monte
+Carlo samples run as one batched forward (:func:`uq_box.nn.sample_forward`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.utils.data import DataLoader
+
+from uq_box.losses import elbo_loss
+from uq_box.methods.base import LRSchedulerCallable, OptimizerCallable, RegressionTask, UQMethod
+from uq_box.nn import kl_divergence, sample_forward, to_bayesian
+from uq_box.nn.convert import StochasticModuleNames
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return value
+
+
+def dataset_size(loader: object) -> int | None:
+    """Number of training points behind a loader (all processes together), if it says."""
+    if hasattr(loader, "num_samples"):
+        return int(loader.num_samples)
+    if isinstance(loader, DataLoader):
+        try:
+            return len(loader.dataset)
+        except TypeError:
+            return None
+    return None
+
+
+class BNNVI(UQMethod):
+    """Bayes by Backprop, for any task mixin.
+
+    Args:
+        model: the backbone; the layers named by ``stochastic_module_names`` are converted in place.
+        criterion: the data loss (task default when ``None``).
+        optimizer: callable taking the parameters.
+        lr_scheduler: callable taking the optimizer.
+        stochastic_module_names: which layers become Bayesian (ints index parameter-owning layers,
+            strings name modules, ``None`` = all).
+        prior: prior of the Bayesian weights (default ``Normal(0, 1)``).
+        posterior_rho_init: initial ``rho`` of the posterior (``sigma = softplus(rho)``).
+        estimator: ``"reparameterization"`` or ``"local"`` (local reparameterization trick).
+        num_mc_samples_train: weight samples per training step.
+        num_mc_samples_test: weight samples per prediction.
+        beta: weight of the KL term (1 is the ELBO).
+        burnin_epochs: epochs that fit only the mean (MSE) before the criterion takes over.
+        num_training_points: ``N`` of the ELBO; read from the training loader when ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        stochastic_module_names: StochasticModuleNames = None,
+        prior: Distribution | float | None = None,
+        posterior_rho_init: float = -5.0,
+        estimator: str = "reparameterization",
+        num_mc_samples_train: int = 10,
+        num_mc_samples_test: int = 50,
+        beta: float = 1.0,
+        burnin_epochs: int = 0,
+        num_training_points: int | None = None,
+    ) -> None:
+        super().__init__(model, criterion, optimizer, lr_scheduler)
+        self.num_mc_samples_train = _positive_int(num_mc_samples_train, "num_mc_samples_train")
+        self.num_mc_samples_test = _positive_int(num_mc_samples_test, "num_mc_samples_test")
+        if not beta >= 0:
+            raise ValueError(f"`beta` must be non-negative, got {beta}")
+        if (
+            isinstance(burnin_epochs, bool)
+            or not isinstance(burnin_epochs, int)
+            or burnin_epochs < 0
+        ):
+            raise ValueError(
+                f"`burnin_epochs` must be a non-negative integer, got {burnin_epochs!r}"
+            )
+        if num_training_points is not None:
+            _positive_int(num_training_points, "num_training_points")
+        self.beta = beta
+        self.burnin_epochs = burnin_epochs
+        self._num_training_points = num_training_points
+        to_bayesian(
+            self.model,
+            stochastic_module_names,
+            prior=prior,
+            posterior_rho_init=posterior_rho_init,
+            estimator=estimator,
+        )
+        self.save_hyperparameters(
+            ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
+        )
+
+    @property
+    def num_training_points(self) -> int:
+        """``N`` of the ELBO: the training set size across all processes."""
+        if self._num_training_points is None:
+            size = None
+            trainer = self._trainer
+            if trainer is not None:
+                size = dataset_size(trainer.train_dataloader)
+                if size is None and trainer.datamodule is not None:
+                    size = dataset_size(trainer.datamodule.train_dataloader())
+            if size is None:
+                raise ValueError(
+                    "cannot tell the training set size from the training loader; pass "
+                    "`num_training_points` (the number of training points, all processes together)"
+                )
+            self._num_training_points = size
+        return self._num_training_points
+
+    def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
+        """``S`` weight samples in one batched forward: ``[S, N, ...]``."""
+        return sample_forward(self.model, x, num_samples)
+
+    def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Negative ELBO per training point; mean MSE instead of the criterion during burn-in."""
+        outputs = self.sample_outputs(x, self.num_mc_samples_train)
+        nll = self.data_loss(outputs, target)
+        in_burnin = self.training and self.current_epoch < self.burnin_epochs
+        data = self.mean_squared_error(outputs, target) if in_burnin else nll
+        kl = kl_divergence(self.model)
+        loss = elbo_loss(data, kl, self.num_training_points, self.beta)
+        return {"loss": loss, "nll": nll, "kl": kl}, outputs
+
+
+class BNNVIRegression(RegressionTask, BNNVI):
+    """Bayes by Backprop for regression (default criterion: heteroscedastic Gaussian NLL).
+
+    Prediction is the Gaussian mixture over weight samples: ``pred_uct^2 = aleatoric^2 +
+    epistemic^2`` (see :func:`uq_box.methods.predictive.regression_predictive`).
+    """

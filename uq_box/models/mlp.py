@@ -1,0 +1,50 @@
+"""Plain backbones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron: ``Linear -> activation -> Dropout`` per hidden layer, then ``Linear``.
+
+    Args:
+        n_inputs: input features.
+        n_hidden: width of each hidden layer.
+        n_outputs: outputs (2 for a mean and a scale with :class:`uq_box.losses.NLL`).
+        activation_fn: activation module used after every hidden layer.
+        dropout_p: dropout probability after every hidden layer.
+    """
+
+    def __init__(
+        self,
+        n_inputs: int = 1,
+        n_hidden: Sequence[int] = (50,),
+        n_outputs: int = 1,
+        activation_fn: nn.Module | None = None,
+        dropout_p: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if n_inputs < 1 or n_outputs < 1 or any(h < 1 for h in n_hidden):
+            raise ValueError(
+                f"`n_inputs`, `n_hidden` and `n_outputs` must be positive, got "
+                f"{n_inputs}, {list(n_hidden)} and {n_outputs}"
+            )
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+        activation_fn = nn.ReLU() if activation_fn is None else activation_fn
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for hidden in n_hidden:
+            layers += [nn.Linear(width, hidden), activation_fn, nn.Dropout(dropout_p)]
+            width = hidden
+        layers.append(nn.Linear(width, n_outputs))
+        self.model = nn.Sequential(*layers)
+        self.n_inputs = n_inputs
+        self.n_outputs = n_outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, n_inputs] -> [N, n_outputs]``."""
+        return self.model(x)

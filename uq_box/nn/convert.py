@@ -1,0 +1,182 @@
+"""Turn chosen layers of any network into Bayesian layers, in place.
+
+``stochastic_module_names`` picks the layers (DESIGN.md): ints index the parameter-owning layers
+in ``model.named_modules()`` order (``-1`` is the last), strings are dotted module names, ``None``
+means every supported layer. Anything that cannot be converted is an error, never skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from uq_box.nn.layers import (
+    BayesianConv1d,
+    BayesianConv2d,
+    BayesianConv3d,
+    BayesianLinear,
+    _BayesianLayer,
+)
+
+CONVERSIONS: dict[type[nn.Module], type[_BayesianLayer]] = {
+    nn.Linear: BayesianLinear,
+    nn.Conv1d: BayesianConv1d,
+    nn.Conv2d: BayesianConv2d,
+    nn.Conv3d: BayesianConv3d,
+}
+"""Layer types that can become Bayesian (exact types: a subclass may change ``forward``)."""
+
+StochasticModuleNames = Sequence[int] | Sequence[str] | None
+
+
+def parameter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module owning parameters directly, in definition order."""
+    seen: set[int] = set()
+    layers = []
+    for name, module in model.named_modules():
+        if id(module) in seen or next(module.parameters(recurse=False), None) is None:
+            continue
+        seen.add(id(module))
+        layers.append((name, module))
+    return layers
+
+
+def _supported_names() -> str:
+    return ", ".join(f"nn.{t.__name__}" for t in CONVERSIONS)
+
+
+def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNames) -> list[str]:
+    """Dotted names of the layers ``stochastic_module_names`` picks; a clear error otherwise."""
+    layers = parameter_layers(model)
+    if stochastic_module_names is None:
+        chosen = [name for name, module in layers if type(module) in CONVERSIONS]
+        skipped = [
+            f"{name} ({type(m).__name__})" for name, m in layers if type(m) not in CONVERSIONS
+        ]
+        if not chosen:
+            raise ValueError(
+                f"`stochastic_module_names=None` asks for every supported layer, but the model has "
+                f"none; supported: {_supported_names()}"
+            )
+        if skipped:
+            warnings.warn(
+                f"`stochastic_module_names=None`: these layers stay deterministic (unsupported "
+                f"type): {', '.join(skipped)}",
+                stacklevel=3,
+            )
+        return chosen
+    if isinstance(stochastic_module_names, int | str) or not isinstance(
+        stochastic_module_names, Sequence
+    ):
+        raise TypeError(
+            f"`stochastic_module_names` must be a list of ints or a list of strings (or None), "
+            f"got {stochastic_module_names!r}"
+        )
+    entries = list(stochastic_module_names)
+    if not entries:
+        raise ValueError(
+            "`stochastic_module_names` is empty; name at least one layer, or pass None"
+        )
+    kinds = {bool if isinstance(e, bool) else type(e) for e in entries}
+    if not kinds <= {int} and not kinds <= {str}:
+        raise TypeError(
+            f"`stochastic_module_names` must be all ints (layer indices) or all strings (module "
+            f"names), got {entries!r}"
+        )
+    if kinds == {int}:
+        n = len(layers)
+        bad = [i for i in entries if not -n <= i < n]
+        if bad:
+            raise ValueError(
+                f"`stochastic_module_names` index {bad[0]} is out of range: the model has {n} "
+                f"parameter-owning layers (valid indices {-n}..{n - 1}): "
+                f"{[name for name, _ in layers]}"
+            )
+        names = [layers[i][0] for i in entries]
+    else:
+        modules = dict(model.named_modules())
+        unknown = [name for name in entries if name not in modules]
+        if unknown:
+            raise ValueError(
+                f"`stochastic_module_names` names no layer {unknown[0]!r}; parameter-owning "
+                f"layers are {[name for name, _ in layers]}"
+            )
+        names = entries
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if isinstance(module, _BayesianLayer):
+            raise ValueError(f"`stochastic_module_names`: layer {name!r} is Bayesian already")
+        if type(module) not in CONVERSIONS:
+            raise ValueError(
+                f"`stochastic_module_names`: layer {name!r} is a {type(module).__name__}, which "
+                f"cannot be made Bayesian; supported: {_supported_names()}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def to_bayesian(
+    model: nn.Module,
+    stochastic_module_names: StochasticModuleNames = None,
+    prior: Distribution | float | None = None,
+    posterior_rho_init: float = -5.0,
+    estimator: str = "reparameterization",
+    keep_weights: bool = True,
+    num_kl_samples: int = 1,
+) -> nn.Module:
+    """Replace the chosen ``nn.Linear``/``nn.Conv*d`` layers by mean-field Gaussian ones, in place.
+
+    Args:
+        model: the network; modified in place and returned.
+        stochastic_module_names: which layers (see the module docstring).
+        prior: prior of the new layers (default ``Normal(0, 1)``).
+        posterior_rho_init: initial ``rho`` of the posterior, ``sigma = softplus(rho)``.
+        estimator: ``"reparameterization"`` or ``"local"``.
+        keep_weights: use the layers' current weights as posterior means (else re-initialize).
+        num_kl_samples: Monte Carlo samples of the KL where no closed form exists.
+
+    Returns:
+        ``model``.
+    """
+    names = select_modules(model, stochastic_module_names)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = parent.get_submodule(child)
+        if isinstance(old, nn.Linear):
+            layer_args = dict(in_features=old.in_features, out_features=old.out_features)
+        else:
+            if old.padding_mode != "zeros":
+                raise ValueError(
+                    f"`stochastic_module_names`: layer {name!r} uses padding_mode="
+                    f"{old.padding_mode!r}; only 'zeros' is supported"
+                )
+            layer_args = dict(
+                in_channels=old.in_channels,
+                out_channels=old.out_channels,
+                kernel_size=old.kernel_size,
+                stride=old.stride,
+                padding=old.padding,
+                dilation=old.dilation,
+                groups=old.groups,
+            )
+        new = CONVERSIONS[type(old)](
+            **layer_args,
+            bias=old.bias is not None,
+            prior=prior,
+            posterior_rho_init=posterior_rho_init,
+            estimator=estimator,
+            num_kl_samples=num_kl_samples,
+        )
+        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        if keep_weights:
+            with torch.no_grad():
+                new.weight_mu.copy_(old.weight)
+                if old.bias is not None:
+                    new.bias_mu.copy_(old.bias)
+        setattr(parent, child, new)
+    return model

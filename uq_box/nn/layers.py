@@ -1,0 +1,313 @@
+"""Mean-field Gaussian Bayesian layers, drop-in replacements for ``nn.Linear`` and ``nn.Conv*d``.
+
+Every weight ``w`` has a posterior ``N(mu, sigma^2)`` with ``sigma = softplus(rho)`` (Blundell et
+al. 2015, "Weight Uncertainty in Neural Networks"). Two gradient estimators:
+
+- ``"reparameterization"``: sample the weights, ``w = mu + sigma * eps``; inside
+  :func:`~uq_box.nn.sampling.mc_sampling` the ``S`` samples run as one batched matmul or grouped
+  convolution.
+- ``"local"``: the local reparameterization trick (Kingma, Salimans & Welling 2015, "Variational
+  Dropout and the Local Reparameterization Trick") samples the pre-activations from their exact
+  Gaussian, ``N(x mu^T, x^2 sigma^2^T)``: lower gradient variance, and the noise has the size of
+  the activations ``[S, N, out]`` instead of the weights ``[S, out, in]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from uq_box.nn.priors import Prior
+from uq_box.nn.sampling import MCState, current_mc_state
+
+ESTIMATORS = ("reparameterization", "local")
+
+
+class BayesianModule(nn.Module):
+    """Base of the Bayesian layers: ``.kl`` is the KL of the layer's posterior from its prior."""
+
+    @property
+    def kl(self) -> Tensor:
+        """KL divergence summed over this module and every Bayesian module inside it."""
+        from uq_box.nn.kl import kl_divergence
+
+        return kl_divergence(self)
+
+
+class _BayesianLayer(BayesianModule):
+    """Shared parameters, sampling and KL of the Bayesian linear and convolution layers."""
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool,
+        prior: Distribution | float | None,
+        posterior_rho_init: float,
+        estimator: str,
+        num_kl_samples: int,
+    ) -> None:
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(num_kl_samples, int) or num_kl_samples < 1:
+            raise ValueError(f"`num_kl_samples` must be a positive integer, got {num_kl_samples!r}")
+        if not math.isfinite(posterior_rho_init):
+            raise ValueError(f"`posterior_rho_init` must be finite, got {posterior_rho_init}")
+        self.estimator = estimator
+        self.num_kl_samples = num_kl_samples
+        self.posterior_rho_init = posterior_rho_init
+        self.prior = Prior(prior)
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape))
+        self.weight_rho = nn.Parameter(torch.empty(weight_shape))
+        out_features = weight_shape[0]
+        if bias:
+            self.bias_mu = nn.Parameter(torch.empty(out_features))
+            self.bias_rho = nn.Parameter(torch.empty(out_features))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Means as ``torch.nn``'s default initialization; ``rho`` at ``posterior_rho_init``."""
+        nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
+        nn.init.constant_(self.weight_rho, self.posterior_rho_init)
+        if self.bias_mu is not None:
+            fan_in = self.weight_mu[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias_mu, -bound, bound)
+            nn.init.constant_(self.bias_rho, self.posterior_rho_init)
+
+    @property
+    def weight_sigma(self) -> Tensor:
+        """Posterior standard deviations of the weights."""
+        return F.softplus(self.weight_rho)
+
+    @property
+    def bias_sigma(self) -> Tensor | None:
+        """Posterior standard deviations of the biases (``None`` without bias)."""
+        return None if self.bias_rho is None else F.softplus(self.bias_rho)
+
+    def layer_kl(self) -> Tensor:
+        """KL of this layer's own weights and biases from the prior."""
+        kl = self.prior.kl_from(self.weight_mu, self.weight_sigma, self.num_kl_samples)
+        if self.bias_mu is not None:
+            kl = kl + self.prior.kl_from(self.bias_mu, self.bias_sigma, self.num_kl_samples)
+        return kl
+
+    def _sample(self, name: str, state: MCState | None) -> Tensor:
+        """Weights or biases ``mu + sigma * eps``: ``[S, *shape]`` in a context, else ``shape``."""
+        mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
+        shape = tuple(mu.shape) if state is None else (state.num_samples, *mu.shape)
+        eps = torch.randn_like(mu) if state is None else state.noise(self, name, shape, mu)
+        return mu + F.softplus(rho) * eps
+
+    def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The deterministic operation (``F.linear`` or ``F.conv*d``) with the given weights."""
+        raise NotImplementedError
+
+    def _apply_samples(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, folded: bool
+    ) -> Tensor:
+        """The operation with ``S`` weight samples ``[S, *shape]`` on ``[N]`` or folded ``[S*N]``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One weight sample per call, or ``S`` of them inside ``mc_sampling`` (folded batch)."""
+        state = current_mc_state()
+        if self.estimator == "local":
+            mean = self._apply_mean(x, self.weight_mu, self.bias_mu)
+            bias_var = None if self.bias_mu is None else self.bias_sigma**2
+            var = self._apply_mean(x * x, self.weight_sigma**2, bias_var)
+            std = var.clamp_min(1e-16).sqrt()
+            if state is None:
+                return mean + std * torch.randn_like(mean)
+            if state.folded:
+                return mean + std * state.noise(self, "output", tuple(mean.shape), mean)
+            eps = state.noise(self, "output", (state.num_samples, *mean.shape), mean)
+            state.folded = True
+            return (mean + std * eps).flatten(0, 1)
+        weight = self._sample("weight", state)
+        bias = None if self.bias_mu is None else self._sample("bias", state)
+        if state is None:
+            return self._apply_mean(x, weight, bias)
+        out = self._apply_samples(x, weight, bias, state.folded)
+        state.folded = True
+        return out
+
+
+class BayesianLinear(_BayesianLayer):
+    """Mean-field Gaussian ``nn.Linear``.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        prior: prior of every weight and bias (default ``Normal(0, 1)``); a number is the scale of
+            a zero-mean Normal.
+        posterior_rho_init: initial ``rho``; ``sigma = softplus(rho)`` (-5 gives 0.0067).
+        estimator: ``"reparameterization"`` or ``"local"``.
+        num_kl_samples: Monte Carlo samples of the KL where no closed form exists.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        prior: Distribution | float | None = None,
+        posterior_rho_init: float = -5.0,
+        estimator: str = "reparameterization",
+        num_kl_samples: int = 1,
+    ) -> None:
+        self.in_features = in_features
+        self.out_features = out_features
+        super().__init__(
+            (out_features, in_features), bias, prior, posterior_rho_init, estimator, num_kl_samples
+        )
+
+    def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _apply_samples(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, folded: bool
+    ) -> Tensor:
+        num_samples = weight.shape[0]
+        rows = x.shape[0] if folded else num_samples * x.shape[0]
+        out_shape = (rows, *x.shape[1:-1], self.out_features)
+        weight_t = weight.transpose(1, 2)  # [S, in, out]
+        if folded:
+            flat = x.reshape(num_samples, -1, self.in_features)
+            out = (
+                torch.bmm(flat, weight_t)
+                if bias is None
+                else torch.baddbmm(bias[:, None], flat, weight_t)
+            )
+        else:
+            out = torch.matmul(x.reshape(1, -1, self.in_features), weight_t)
+            if bias is not None:
+                out = out + bias[:, None]
+        return out.reshape(out_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias_mu is not None}, estimator={self.estimator!r}"
+        )
+
+
+class _BayesianConvNd(_BayesianLayer):
+    """Mean-field Gaussian convolution; ``S`` samples run as one grouped convolution."""
+
+    dims: int
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        prior: Distribution | float | None = None,
+        posterior_rho_init: float = -5.0,
+        estimator: str = "reparameterization",
+        num_kl_samples: int = 1,
+    ) -> None:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"`in_channels` ({in_channels}) and `out_channels` ({out_channels}) must be "
+                f"divisible by `groups` ({groups})"
+            )
+        kernel = _ntuple(kernel_size, self.dims)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel
+        self.stride = _ntuple(stride, self.dims)
+        self.padding = padding if isinstance(padding, str) else _ntuple(padding, self.dims)
+        self.dilation = _ntuple(dilation, self.dims)
+        self.groups = groups
+        super().__init__(
+            (out_channels, in_channels // groups, *kernel),
+            bias,
+            prior,
+            posterior_rho_init,
+            estimator,
+            num_kl_samples,
+        )
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv(x, weight, bias, self.groups)
+
+    def _apply_samples(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, folded: bool
+    ) -> Tensor:
+        num_samples, groups = weight.shape[0], self.groups
+        out_ch, kernel = self.out_channels, weight.shape[2:]
+        if folded:
+            # [S*N, C, ...] -> [N, S*C, ...]: one group per (sample, original group)
+            batch = x.shape[0] // num_samples
+            x = x.reshape(num_samples, batch, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+            flat_bias = None if bias is None else bias.reshape(-1)
+            out = self._conv(x, weight.reshape(-1, *kernel), flat_bias, num_samples * groups)
+            out = out.reshape(batch, num_samples, out_ch, *out.shape[2:])
+        else:
+            # the same input for every sample: output channels ordered (group, sample, channel)
+            batch = x.shape[0]
+            per_group = out_ch // groups
+            w = weight.reshape(num_samples, groups, per_group, *kernel).transpose(0, 1)
+            b = None
+            if bias is not None:
+                b = bias.reshape(num_samples, groups, per_group).transpose(0, 1).reshape(-1)
+            out = self._conv(x, w.reshape(-1, *kernel), b, groups)
+            out = out.reshape(batch, groups, num_samples, per_group, *out.shape[2:])
+            out = out.transpose(1, 2).reshape(batch, num_samples, out_ch, *out.shape[4:])
+        return out.transpose(0, 1).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+            f"bias={self.bias_mu is not None}, estimator={self.estimator!r}"
+        )
+
+
+class BayesianConv1d(_BayesianConvNd):
+    """Mean-field Gaussian ``nn.Conv1d`` (arguments as ``nn.Conv1d`` plus those of
+    :class:`BayesianLinear`).
+    """
+
+    dims = 1
+
+
+class BayesianConv2d(_BayesianConvNd):
+    """Mean-field Gaussian ``nn.Conv2d`` (arguments as ``nn.Conv2d`` plus those of
+    :class:`BayesianLinear`).
+    """
+
+    dims = 2
+
+
+class BayesianConv3d(_BayesianConvNd):
+    """Mean-field Gaussian ``nn.Conv3d`` (arguments as ``nn.Conv3d`` plus those of
+    :class:`BayesianLinear`).
+    """
+
+    dims = 3
+
+
+def _ntuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"expected an int or a tuple of {n} ints, got {value}")
+    return value
