@@ -10,7 +10,8 @@ training and 25 in prediction, one thread. Three fits of the same math, measured
   network, as peers do).
 
 Run: ``python benchmarks/bnn_vi_seed.py [--repeats 3]``; prints medians and ratios, and the test
-metrics of the uq_box fit.
+metrics of the uq_box fit. ``--hidden 200 200 200 --batch-size 256 --n-points 5000`` measures a
+deeper, wider workload where the Monte Carlo samples, not the per-step overhead, dominate.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ from uq_box.methods import BNNVIRegression
 from uq_box.models import MLP
 
 EPOCHS, BURNIN, BATCH, S_TRAIN, S_TEST, LR = 150, 20, 32, 10, 25, 3e-3
+HIDDEN = [50, 50]
 
 
 def eager_fit(dm: ToyHeteroscedasticDatamodule) -> float:
     """The same math by hand: deterministic body, Bayesian last layer, exact ELBO."""
     x_all, y_all = dm.X_train, dm.Y_train
     n = len(x_all)
-    body = nn.Sequential(nn.Linear(1, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU())
-    last = nn.Linear(50, 2)
+    layers, width = [], 1
+    for hidden in HIDDEN:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    body = nn.Sequential(*layers)
+    last = nn.Linear(width, 2)
     w_mu = nn.Parameter(last.weight.detach().clone())
     b_mu = nn.Parameter(last.bias.detach().clone())
     w_rho = nn.Parameter(torch.full_like(w_mu, -5.0))
@@ -84,7 +90,7 @@ class LoopBNN(BNNVIRegression):
 
 
 def uq_box_fit(dm: ToyHeteroscedasticDatamodule, cls: type = BNNVIRegression):
-    network = MLP(n_inputs=1, n_hidden=[50, 50], n_outputs=2, activation_fn=nn.ReLU())
+    network = MLP(n_inputs=1, n_hidden=HIDDEN, n_outputs=2, activation_fn=nn.ReLU())
     model = cls(
         network,
         optimizer=partial(torch.optim.Adam, lr=LR),
@@ -110,12 +116,17 @@ def uq_box_fit(dm: ToyHeteroscedasticDatamodule, cls: type = BNNVIRegression):
 
 
 def main() -> None:
+    global HIDDEN, BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, nargs="+", default=HIDDEN, help="hidden widths")
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--n-points", type=int, default=500)
     args = parser.parse_args()
+    HIDDEN, BATCH = args.hidden, args.batch_size
     torch.set_num_threads(1)
     seed_everything(0, verbose=False)
-    dm = ToyHeteroscedasticDatamodule(batch_size=BATCH, n_points=500)
+    dm = ToyHeteroscedasticDatamodule(batch_size=BATCH, n_points=args.n_points)
     steps = EPOCHS * len(dm.train_dataloader())
     times: dict[str, list[float]] = {"eager": [], "uq_box": [], "loop": []}
     for repeat in range(args.repeats):
@@ -129,7 +140,11 @@ def main() -> None:
         if repeat == 0:
             metrics = trainer.test(model, dm, verbose=False)[0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"seed workload: {len(dm.X_train)} training points, {steps} steps, S={S_TRAIN}, 1 thread")
+    arch = "-".join(map(str, [1, *HIDDEN, 2]))
+    print(
+        f"MLP {arch}, last layer Bayesian: {len(dm.X_train)} training points, batch {BATCH}, "
+        f"{steps} steps, S={S_TRAIN}, 1 thread"
+    )
     for name, value in med.items():
         print(
             f"  {name:7s} fit {value:6.2f} s  {1000 * value / steps:6.3f} ms/step  (runs: "

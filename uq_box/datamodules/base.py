@@ -70,8 +70,8 @@ class InMemoryLoader:
     def __init__(
         self, inputs: Tensor, targets: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         self.inputs = inputs
         self.targets = targets
         self.batch_size = batch_size
@@ -145,9 +145,13 @@ class ArrayDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+        if (
+            isinstance(eval_batch_size, bool)
+            or not isinstance(eval_batch_size, int)
+            or eval_batch_size < 1
+        ):
             raise ValueError(
                 f"`eval_batch_size` must be a positive integer, got {eval_batch_size!r}"
             )

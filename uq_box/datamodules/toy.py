@@ -16,7 +16,7 @@ def toy_heteroscedastic_function(x: Tensor) -> Tensor:
 
 
 def toy_heteroscedastic_noise_std(x: Tensor) -> Tensor:
-    """Ground-truth noise standard deviation: grows from 0.05 at ``x_min`` to 0.45 at ``x_max``."""
+    """Ground-truth noise standard deviation, between 0.05 and 0.45 (0.06 at -4, 0.45 at pi/2)."""
     return 0.05 + 0.4 * (1.0 + torch.sin(0.5 * x + math.pi / 4)) / 2.0
 
 
@@ -58,6 +58,10 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
         n_val = round(n_points * val_fraction)
+        if n_points - n_val < 1:
+            raise ValueError(
+                f"`val_fraction`={val_fraction} of `n_points`={n_points} leaves no training point"
+            )
         generator = torch.Generator().manual_seed(seed)
 
         def draw(n: int) -> tuple[Tensor, Tensor]:

@@ -90,7 +90,7 @@ class BNNVI(UQMethod):
         self.beta = beta
         self.burnin_epochs = burnin_epochs
         self._num_training_points = num_training_points
-        to_bayesian(
+        self.model = to_bayesian(
             self.model,
             stochastic_module_names,
             prior=prior,

@@ -7,6 +7,7 @@ means every supported layer. Anything that cannot be converted is an error, neve
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -55,7 +56,9 @@ def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNa
     if stochastic_module_names is None:
         chosen = [name for name, module in layers if type(module) in CONVERSIONS]
         skipped = [
-            f"{name} ({type(m).__name__})" for name, m in layers if type(m) not in CONVERSIONS
+            f"{name} ({type(m).__name__})"
+            for name, m in layers
+            if type(m) not in CONVERSIONS and not isinstance(m, _BayesianLayer)
         ]
         if not chosen:
             raise ValueError(
@@ -81,6 +84,10 @@ def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNa
         raise ValueError(
             "`stochastic_module_names` is empty; name at least one layer, or pass None"
         )
+    entries = [
+        int(e) if isinstance(e, numbers.Integral) and not isinstance(e, bool) else e
+        for e in entries
+    ]
     kinds = {bool if isinstance(e, bool) else type(e) for e in entries}
     if not kinds <= {int} and not kinds <= {str}:
         raise TypeError(
@@ -116,6 +123,11 @@ def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNa
                 f"`stochastic_module_names`: layer {name!r} is a {type(module).__name__}, which "
                 f"cannot be made Bayesian; supported: {_supported_names()}"
             )
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            raise ValueError(
+                f"`stochastic_module_names`: layer {name!r} uses padding_mode="
+                f"{module.padding_mode!r}; only 'zeros' is supported"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -130,6 +142,9 @@ def to_bayesian(
 ) -> nn.Module:
     """Replace the chosen ``nn.Linear``/``nn.Conv*d`` layers by mean-field Gaussian ones, in place.
 
+    All choices are checked before anything changes, so an error leaves ``model`` as it was. A
+    layer used in several places becomes one Bayesian layer used in the same places.
+
     Args:
         model: the network; modified in place and returned.
         stochastic_module_names: which layers (see the module docstring).
@@ -140,43 +155,58 @@ def to_bayesian(
         num_kl_samples: Monte Carlo samples of the KL where no closed form exists.
 
     Returns:
-        ``model``.
+        ``model`` (or the new layer, when ``model`` is itself a single layer).
     """
     names = select_modules(model, stochastic_module_names)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = parent.get_submodule(child)
-        if isinstance(old, nn.Linear):
-            layer_args = dict(in_features=old.in_features, out_features=old.out_features)
-        else:
-            if old.padding_mode != "zeros":
-                raise ValueError(
-                    f"`stochastic_module_names`: layer {name!r} uses padding_mode="
-                    f"{old.padding_mode!r}; only 'zeros' is supported"
-                )
-            layer_args = dict(
-                in_channels=old.in_channels,
-                out_channels=old.out_channels,
-                kernel_size=old.kernel_size,
-                stride=old.stride,
-                padding=old.padding,
-                dilation=old.dilation,
-                groups=old.groups,
-            )
-        new = CONVERSIONS[type(old)](
-            **layer_args,
-            bias=old.bias is not None,
-            prior=prior,
-            posterior_rho_init=posterior_rho_init,
-            estimator=estimator,
-            num_kl_samples=num_kl_samples,
+    modules = dict(model.named_modules())
+    replacements = {
+        id(modules[name]): _convert_layer(
+            modules[name], prior, posterior_rho_init, estimator, keep_weights, num_kl_samples
         )
-        new = new.to(device=old.weight.device, dtype=old.weight.dtype)
-        if keep_weights:
-            with torch.no_grad():
-                new.weight_mu.copy_(old.weight)
-                if old.bias is not None:
-                    new.bias_mu.copy_(old.bias)
-        setattr(parent, child, new)
+        for name in names
+    }
+    if id(model) in replacements:  # the model is itself a single layer
+        return replacements[id(model)]
+    # swap every reference, so a layer used in several places stays one (Bayesian) layer
+    for parent in model.modules():
+        for child_name, child in list(parent._modules.items()):  # named_children skips repeats
+            if id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
     return model
+
+
+def _convert_layer(
+    old: nn.Module,
+    prior: Distribution | float | None,
+    posterior_rho_init: float,
+    estimator: str,
+    keep_weights: bool,
+    num_kl_samples: int,
+) -> _BayesianLayer:
+    if isinstance(old, nn.Linear):
+        layer_args = dict(in_features=old.in_features, out_features=old.out_features)
+    else:
+        layer_args = dict(
+            in_channels=old.in_channels,
+            out_channels=old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            dilation=old.dilation,
+            groups=old.groups,
+        )
+    new = CONVERSIONS[type(old)](
+        **layer_args,
+        bias=old.bias is not None,
+        prior=prior,
+        posterior_rho_init=posterior_rho_init,
+        estimator=estimator,
+        num_kl_samples=num_kl_samples,
+    )
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    if keep_weights:
+        with torch.no_grad():
+            new.weight_mu.copy_(old.weight)
+            if old.bias is not None:
+                new.bias_mu.copy_(old.bias)
+    return new

@@ -17,8 +17,9 @@ def kl_divergence(module: nn.Module) -> Tensor:
     if terms:
         return torch.stack(terms).sum()
     reference = next(module.parameters(), None)
-    device = reference.device if reference is not None else None
-    return torch.zeros((), device=device)
+    if reference is None:
+        return torch.zeros(())
+    return torch.zeros((), device=reference.device, dtype=reference.dtype)
 
 
 kl = kl_divergence

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal, kl_divergence
@@ -26,7 +28,9 @@ class Prior(nn.Module):
             name for name in distribution.arg_constraints if name in vars(distribution)
         ]
         for name in self.param_names:
-            value = torch.as_tensor(getattr(distribution, name), dtype=torch.get_default_dtype())
+            value = torch.as_tensor(getattr(distribution, name))
+            if not value.is_floating_point():
+                value = value.to(torch.get_default_dtype())
             self.register_buffer(name, value.detach().clone())
 
     def distribution(self) -> Distribution:
@@ -60,8 +64,8 @@ def as_distribution(prior: Distribution | float | None) -> Distribution:
     if isinstance(prior, Prior):
         return prior.distribution()
     if isinstance(prior, int | float):
-        if not prior > 0:
-            raise ValueError(f"`prior` scale must be positive, got {prior}")
+        if not 0 < prior < math.inf:
+            raise ValueError(f"`prior` scale must be positive and finite, got {prior}")
         return Normal(0.0, float(prior))
     for name, constraint in prior.arg_constraints.items():
         if name not in vars(prior):

@@ -1,0 +1,85 @@
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from lightning import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from uq_box.cli import main
+from uq_box.datamodules import ArrayDataModule
+from uq_box.methods import BNNVIRegression
+from uq_box.models import MLP
+from uq_box.report import write_report
+
+CONFIG = "configs/toy_heteroscedastic/bnn_vi.yaml"
+
+
+def test_cli_fit_writes_log_metrics_and_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    repo_config = __import__("pathlib").Path(__file__).parents[1] / CONFIG
+    main(
+        [
+            "fit",
+            "--config",
+            str(repo_config),
+            "--trainer.max_epochs=4",
+            "--model.init_args.burnin_epochs=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    run = tmp_path / "bnn_vi" / "version_0"
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    expected = {
+        "test_nll",
+        "test_rmse",
+        "test_crps",
+        "test_coverage_95",
+        "test_miscalibration_area",
+    }
+    assert set(metrics) == expected
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert 0.0 <= metrics["test_coverage_95"] <= 1.0
+    for name in ["data", "training_metrics", "predictions", "calibration"]:
+        png = run / "report" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    csv = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "train_nll", "train_kl", "train_rmse", "val_loss", "val_nll"} <= set(csv)
+    assert "report written to" in capsys.readouterr().out
+    assert plt.get_fignums() == []  # the report closes its figures
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model:\n  class_path: uq_box.methods.BNNVIRegression\n  init_args:\n    num_mc_samples: 3\n"
+    )
+    try:
+        main(["fit", "--config", str(bad)])
+    except SystemExit as err:
+        assert err.code != 0
+    else:
+        raise AssertionError("an unknown key must stop the CLI")
+
+
+def test_report_without_one_dimensional_inputs(tmp_path):
+    seed_everything(0)
+    x = torch.randn(64, 3)
+    y = x.sum(-1, keepdim=True) + 0.1 * torch.randn(64, 1)
+    dm = ArrayDataModule(x[:48], y[:48], X_test=x[48:], y_test=y[48:], batch_size=16)
+    model = BNNVIRegression(MLP(3, [8], 2), stochastic_module_names=[-1], num_mc_samples_test=5)
+    trainer = Trainer(
+        max_epochs=2,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    report = write_report(model, dm, trainer.log_dir, metrics)
+    assert sorted(p.name for p in report.glob("*.png")) == [
+        "calibration.png",
+        "training_metrics.png",
+    ]
+    assert "test_nll" in (report / "index.md").read_text()

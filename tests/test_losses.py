@@ -1,0 +1,104 @@
+"""Numbers of the losses: Gaussian NLL (learned and fixed std), MSE and the ELBO."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning import seed_everything
+from torch.distributions import Normal
+
+from uq_box.losses import MSE, NLL, elbo_loss, gaussian_nll, softplus_std
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_nll_heteroscedastic_matches_torch_normal_log_prob():
+    seed_everything(0)
+    outputs = torch.randn(7, 13, 2, dtype=torch.float64) * 2.0  # [S, N, (mean, scale)]
+    target = torch.randn(13, 1, dtype=torch.float64)
+    criterion = NLL()
+    assert criterion.num_outputs == 2
+
+    std = F.softplus(outputs[..., 1:2]) + 1e-6
+    expected = -Normal(outputs[..., :1], std).log_prob(target).mean()
+    torch.testing.assert_close(criterion(outputs, target), expected, rtol=1e-12, atol=1e-12)
+
+    mean, got_std = criterion.mean_and_std(outputs)
+    assert mean.shape == got_std.shape == (7, 13, 1)
+    torch.testing.assert_close(mean, outputs[..., :1])
+    torch.testing.assert_close(got_std, std)
+
+
+def test_nll_min_std_floor():
+    outputs = torch.tensor([[0.0, -1e4]])  # softplus(-1e4) == 0: the std is the floor alone
+    target = torch.tensor([[0.01]])
+    criterion = NLL(min_std=0.1)
+    _, std = criterion.mean_and_std(outputs)
+    torch.testing.assert_close(std, torch.tensor([[0.1]]))
+    expected = -Normal(0.0, 0.1).log_prob(torch.tensor(0.01))
+    torch.testing.assert_close(criterion(outputs, target), expected)
+
+
+def test_nll_fixed_std_one_output_and_value():
+    seed_everything(1)
+    criterion = NLL(std=0.3)
+    assert criterion.num_outputs == 1
+    outputs = torch.randn(5, 11, 1)
+    target = torch.randn(11, 1)
+    expected = -Normal(outputs, 0.3).log_prob(target).mean()
+    torch.testing.assert_close(criterion(outputs, target), expected)
+    # by hand: 0.5 log(2 pi) + log(sigma) + (y - m)^2 / (2 sigma^2)
+    by_hand = (
+        0.5 * math.log(2 * math.pi) + math.log(0.3) + (target - outputs) ** 2 / (2 * 0.09)
+    ).mean()
+    torch.testing.assert_close(criterion(outputs, target), by_hand)
+    mean, std = criterion.mean_and_std(outputs)
+    torch.testing.assert_close(mean, outputs)
+    torch.testing.assert_close(std, torch.full_like(outputs, 0.3))
+
+
+@pytest.mark.parametrize("kwargs", [{"std": 0.0}, {"std": -1.0}, {"min_std": -1e-3}])
+def test_nll_rejects_bad_arguments(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        NLL(**kwargs)
+
+
+def test_gaussian_nll_and_softplus_std():
+    mean, std, y = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0)
+    expected = 0.5 * math.log(2 * math.pi) + math.log(2.0) + 0.5 * (3.0 / 2.0) ** 2
+    torch.testing.assert_close(gaussian_nll(mean, std, y), torch.tensor(expected))
+    raw = torch.tensor([-3.0, 0.0, 5.0])
+    torch.testing.assert_close(softplus_std(raw, 0.01), torch.log1p(torch.exp(raw)) + 0.01)
+
+
+def test_mse_value_and_outputs():
+    seed_everything(2)
+    criterion = MSE()
+    assert criterion.num_outputs == 1
+    outputs = torch.randn(4, 9, 1)
+    target = torch.randn(9, 1)
+    torch.testing.assert_close(
+        criterion(outputs, target), ((outputs - target[None]) ** 2).sum() / outputs.numel()
+    )
+    mean, std = criterion.mean_and_std(outputs)
+    assert mean is outputs and std is None
+    assert criterion(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [1.0]])).item() == 2.5
+
+
+def test_elbo_loss_scaling():
+    data_nll, kl = torch.tensor(1.25), torch.tensor(40.0)
+    torch.testing.assert_close(elbo_loss(data_nll, kl, 200), torch.tensor(1.25 + 40.0 / 200))
+    torch.testing.assert_close(
+        elbo_loss(data_nll, kl, 200, beta=0.5), torch.tensor(1.25 + 0.5 * 40.0 / 200)
+    )
+    torch.testing.assert_close(elbo_loss(data_nll, kl, 10, beta=0.0), data_nll)
+    # N * loss is the full-data negative ELBO: N * mean NLL + KL
+    torch.testing.assert_close(200 * elbo_loss(data_nll, kl, 200), 200 * data_nll + kl)
