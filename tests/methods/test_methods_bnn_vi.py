@@ -113,9 +113,7 @@ def test_prediction_dict_numbers(seed_run):
     )
     # pred and epistemic are the moments of the sampled means
     torch.testing.assert_close(preds["pred"], preds["samples"].mean(0))
-    torch.testing.assert_close(
-        preds["epistemic_uct"] ** 2, preds["samples"].var(0, unbiased=False)
-    )
+    torch.testing.assert_close(preds["epistemic_uct"] ** 2, preds["samples"].var(0, unbiased=False))
     assert (preds["epistemic_uct"] > 0).all()
     assert (preds["aleatoric_uct"] > 0).all()
 

@@ -65,10 +65,8 @@ def regression_problem():
 def fit_linear_bnn(x, y, estimator, num_training_points=None, seed=1):
     seed_everything(seed)
     dm = ArrayDataModule(x, y, batch_size=BATCH)
-    # nn.Sequential: a bare nn.Linear as the whole model is not converted (see
-    # test_bare_linear_model_becomes_bayesian below)
     model = BNNVIRegression(
-        nn.Sequential(nn.Linear(D, 1, bias=False)),
+        nn.Linear(D, 1, bias=False),  # the whole model is one Bayesian layer
         criterion=NLL(std=SIGMA),
         optimizer=partial(torch.optim.Adam, lr=0.05),
         lr_scheduler=partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.95),
@@ -81,7 +79,7 @@ def fit_linear_bnn(x, y, estimator, num_training_points=None, seed=1):
     )
     trainer = Trainer(max_epochs=120, **trainer_kwargs(limit_val_batches=0))
     trainer.fit(model, dm)
-    layer = model.model[0]
+    layer = model.model
     assert isinstance(layer, BayesianLinear)
     mean = layer.weight_mu.detach().double().squeeze(0)
     std = F.softplus(layer.weight_rho.detach()).double().squeeze(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from uq_box.losses import elbo_loss
 from uq_box.methods.base import LRSchedulerCallable, OptimizerCallable, RegressionTask, UQMethod
@@ -25,15 +25,27 @@ def _positive_int(value: int, name: str) -> int:
 
 
 def dataset_size(loader: object) -> int | None:
-    """Number of training points behind a loader (all processes together), if it says."""
+    """Number of training points a loader draws per epoch, all processes together, if it says.
+
+    A ``DataLoader`` draws what its sampler yields (a ``SubsetRandomSampler`` covers part of the
+    data set); under DDP the ``DistributedSampler`` wraps the data set (or the user's sampler) and
+    ``len(sampler.dataset)`` is the global size.
+    """
     if hasattr(loader, "num_samples"):
         return int(loader.num_samples)
-    if isinstance(loader, DataLoader):
-        try:
-            return len(loader.dataset)
-        except TypeError:
-            return None
-    return None
+    if not isinstance(loader, DataLoader):
+        return None
+    sampler = loader.sampler
+    if isinstance(loader.dataset, IterableDataset):
+        sized = loader.dataset
+    elif isinstance(sampler, DistributedSampler):
+        sized = sampler.dataset
+    else:
+        sized = sampler
+    try:
+        return len(sized)
+    except TypeError:
+        return None
 
 
 class BNNVI(UQMethod):
@@ -89,6 +101,7 @@ class BNNVI(UQMethod):
             _positive_int(num_training_points, "num_training_points")
         self.beta = beta
         self.burnin_epochs = burnin_epochs
+        self._num_training_points_given = num_training_points
         self._num_training_points = num_training_points
         self.model = to_bayesian(
             self.model,
@@ -100,6 +113,10 @@ class BNNVI(UQMethod):
         self.save_hyperparameters(
             ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
         )
+
+    def on_fit_start(self) -> None:
+        """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
+        self._num_training_points = self._num_training_points_given
 
     @property
     def num_training_points(self) -> int:
