@@ -1,6 +1,35 @@
 """UQ methods: each a LightningModule following the prediction contract of DESIGN.md."""
 
-from uq_box.methods.base import RegressionTask, UQMethod
-from uq_box.methods.bnn_vi import BNNVI, BNNVIRegression
+from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
+from uq_box.methods.bnn_vi import BNNVI, BNNVIClassification, BNNVIRegression
+from uq_box.methods.deep_ensemble import (
+    DeepEnsemble,
+    DeepEnsembleClassification,
+    DeepEnsembleRegression,
+)
+from uq_box.methods.deterministic import (
+    Deterministic,
+    DeterministicClassification,
+    DeterministicRegression,
+    MVERegression,
+)
+from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
 
-__all__ = ["BNNVI", "BNNVIRegression", "RegressionTask", "UQMethod"]
+__all__ = [
+    "BNNVI",
+    "BNNVIClassification",
+    "BNNVIRegression",
+    "ClassificationTask",
+    "DeepEnsemble",
+    "DeepEnsembleClassification",
+    "DeepEnsembleRegression",
+    "Deterministic",
+    "DeterministicClassification",
+    "DeterministicRegression",
+    "MCDropout",
+    "MCDropoutClassification",
+    "MCDropoutRegression",
+    "MVERegression",
+    "RegressionTask",
+    "UQMethod",
+]

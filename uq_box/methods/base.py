@@ -18,15 +18,17 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MeanSquaredError, Metric
+from torchmetrics import MeanMetric, MeanSquaredError, Metric
 
-from uq_box.losses import MSE, NLL
+from uq_box.losses import NLL
 from uq_box.methods.predictive import (
     criterion_mean_and_std,
     criterion_num_outputs,
     regression_predictive,
 )
+from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
+from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, MulticlassNLL
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
 LRSchedulerCallable = Callable[[Optimizer], Any]
@@ -68,8 +70,11 @@ class UQMethod(LightningModule):
         lr_scheduler: callable taking the optimizer (``ReduceLROnPlateau`` watches ``val_loss``).
     """
 
-    #: Monte Carlo samples (or members) used at prediction; methods that sample override it.
+    #: Monte Carlo samples (or members) per training step and per prediction.
+    num_mc_samples_train: int = 1
     num_mc_samples_test: int = 1
+    #: Epochs trained on the task's burn-in loss before the criterion takes over.
+    burnin_epochs: int = 0
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class UQMethod(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.val_metrics = self.build_metrics()
         self.test_metrics = self.build_metrics()
+        self.setup_task()
         self._running: dict[str, list[Tensor]] = {}
 
     # -- task hooks (RegressionTask, ClassificationTask) -------------------------------------
@@ -111,6 +117,12 @@ class UQMethod(LightningModule):
     def build_metrics(self) -> nn.ModuleDict:
         """Fresh metrics for one stage."""
         return nn.ModuleDict()
+
+    def setup_task(self) -> None:
+        """Register the task's own state (buffers) at construction."""
+
+    def on_epoch_means(self, stage: str, values: dict[str, Tensor]) -> None:
+        """Use an epoch's mean running terms (after they are logged)."""
 
     def predictive(self, outputs: Tensor) -> dict[str, Tensor]:
         """The prediction contract's dict from raw outputs ``[S, N, ...]``."""
@@ -130,15 +142,31 @@ class UQMethod(LightningModule):
         """Cheap per-batch figures (e.g. squared error) averaged over each epoch."""
         return {}
 
+    def burnin_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Loss of the burn-in epochs (the data loss unless the task has a simpler one)."""
+        return self.data_loss(outputs, target)
+
     # -- method hooks -------------------------------------------------------------------------
     def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
         """Raw network outputs ``[S, N, ...]`` for ``S = num_samples`` samples or members."""
         raise NotImplementedError
 
+    @property
+    def in_burnin(self) -> bool:
+        """Whether this training step belongs to the burn-in epochs."""
+        return self.training and self.current_epoch < self.burnin_epochs
+
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The training objective: (``{"loss": ..., other terms}``, raw outputs ``[S, B, ...]``)."""
-        outputs = self.sample_outputs(x, getattr(self, "num_mc_samples_train", 1))
-        return {"loss": self.data_loss(outputs, target)}, outputs
+        """The training objective: (``{"loss": ..., other terms}``, raw outputs ``[S, B, ...]``).
+
+        The data loss over ``num_mc_samples_train`` samples, or the burn-in loss during the first
+        ``burnin_epochs``.
+        """
+        outputs = self.sample_outputs(x, self.num_mc_samples_train)
+        nll = self.data_loss(outputs, target)
+        if self.in_burnin:
+            return {"loss": self.burnin_loss(outputs, target), "nll": nll}, outputs
+        return {"loss": nll, "nll": nll}, outputs
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -235,6 +263,7 @@ class UQMethod(LightningModule):
         if values:
             # one call: every self.log at epoch end costs a pass over Lightning's results
             self.log_dict(values, sync_dist=True)
+            self.on_epoch_means(stage, values)
 
     def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
         for name, metric in metrics.items():
@@ -274,9 +303,26 @@ class RegressionTask:
         }
         return nn.ModuleDict(metrics)
 
+    def setup_task(self) -> None:
+        """A mean-only criterion gets a homoscedastic noise estimate, the training RMSE.
+
+        It is 1 until the first training epoch ends.
+        """
+        if criterion_num_outputs(self.criterion) == 1 and not hasattr(self.criterion, "std"):
+            self.register_buffer("noise_std", torch.ones(()))
+
+    def on_epoch_means(self, stage: str, values: dict[str, Tensor]) -> None:
+        """Keep the last training epoch's RMSE as the noise estimate of a mean-only network."""
+        if stage == "train" and hasattr(self, "noise_std") and "train_rmse" in values:
+            self.noise_std.copy_(values["train_rmse"])
+
     def predictive(self, outputs: Tensor) -> dict[str, Tensor]:
-        """Gaussian mixture moments, see :func:`regression_predictive`."""
-        return regression_predictive(outputs, self.criterion)
+        """Gaussian mixture moments, see :func:`regression_predictive`.
+
+        A mean-only network (MSE) takes its aleatoric std from the training RMSE, a homoscedastic
+        Gaussian noise model, so that its NLL, CRPS and coverage are defined.
+        """
+        return regression_predictive(outputs, self.criterion, getattr(self, "noise_std", None))
 
     def check_outputs(self, outputs: Tensor, target: Tensor) -> None:
         """The network must give ``criterion.num_outputs`` outputs per target."""
@@ -293,8 +339,8 @@ class RegressionTask:
         self.check_outputs(outputs, target)
         return self.criterion(outputs, target)
 
-    def mean_squared_error(self, outputs: Tensor, target: Tensor) -> Tensor:
-        """MSE of each sample's mean output, used for burn-in."""
+    def burnin_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """MSE of each sample's mean output: fit the mean before the noise level."""
         self.check_outputs(outputs, target)
         means, _ = criterion_mean_and_std(self.criterion, outputs)
         return ((means - target) ** 2).mean()
@@ -316,4 +362,70 @@ class RegressionTask:
                 metric.update(preds["pred"], preds["pred_uct"], target)
 
 
-__all__ = ["MSE", "RegressionTask", "UQMethod", "eval_mode", "unpack_batch"]
+class ClassificationTask:
+    """Classification: softmax predictive with entropy / mutual-information split.
+
+    Mix in before the method family (``class XClassification(ClassificationTask, X)``). Targets
+    are class indices ``[N]``; the network gives logits ``[N, C]``.
+    """
+
+    criterion: nn.Module
+
+    def default_criterion(self) -> nn.Module:
+        """Cross-entropy on the logits."""
+        return nn.CrossEntropyLoss()
+
+    def check_criterion(self, criterion: nn.Module) -> None:
+        """The criterion must be a module taking ``(logits [N, C], target [N])``."""
+        if not isinstance(criterion, nn.Module):
+            raise TypeError(
+                f"`criterion` must be an nn.Module such as nn.CrossEntropyLoss(), got "
+                f"{type(criterion).__name__}"
+            )
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """Accuracy, NLL, Brier score and expected calibration error."""
+        return nn.ModuleDict(
+            {
+                "accuracy": MeanMetric(),
+                "nll": MulticlassNLL(),
+                "brier": BrierScore(),
+                "ece": ExpectedCalibrationError(),
+            }
+        )
+
+    def predictive(self, outputs: Tensor) -> dict[str, Tensor]:
+        """Mean probabilities, entropy split, see :func:`classification_predictive`."""
+        return classification_predictive(outputs)
+
+    def _check_target(self, outputs: Tensor, target: Tensor) -> None:
+        if target.is_floating_point() or target.shape != outputs.shape[1:-1]:
+            raise ValueError(
+                f"classification targets must be integer class indices of shape "
+                f"{tuple(outputs.shape[1:-1])}, got {target.dtype} of shape {tuple(target.shape)}"
+            )
+
+    def data_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Criterion on the logits of all samples ``[S, B, C]``."""
+        self._check_target(outputs, target)
+        num_samples = outputs.shape[0]
+        flat_target = target.unsqueeze(0).expand(num_samples, *target.shape).reshape(-1)
+        return self.criterion(outputs.reshape(-1, outputs.shape[-1]), flat_target)
+
+    def running_terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Accuracy of the sample-mean probabilities."""
+        probs = outputs.softmax(-1).mean(0)
+        return {"accuracy": (probs.argmax(-1) == target).float().mean()}
+
+    def update_metrics(
+        self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
+    ) -> None:
+        """Feed the mean probabilities to the metrics."""
+        for name, metric in metrics.items():
+            if name == "accuracy":
+                metric.update((preds["pred"].argmax(-1) == target).float())
+            else:
+                metric.update(preds["pred"], target)
+
+
+__all__ = ["ClassificationTask", "RegressionTask", "UQMethod", "eval_mode", "unpack_batch"]

@@ -13,7 +13,13 @@ from torch.distributions import Distribution
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from uq_box.losses import elbo_loss
-from uq_box.methods.base import LRSchedulerCallable, OptimizerCallable, RegressionTask, UQMethod
+from uq_box.methods.base import (
+    ClassificationTask,
+    LRSchedulerCallable,
+    OptimizerCallable,
+    RegressionTask,
+    UQMethod,
+)
 from uq_box.nn import kl_divergence, sample_forward, to_bayesian
 from uq_box.nn.convert import StochasticModuleNames
 
@@ -144,8 +150,7 @@ class BNNVI(UQMethod):
         """Negative ELBO per training point; mean MSE instead of the criterion during burn-in."""
         outputs = self.sample_outputs(x, self.num_mc_samples_train)
         nll = self.data_loss(outputs, target)
-        in_burnin = self.training and self.current_epoch < self.burnin_epochs
-        data = self.mean_squared_error(outputs, target) if in_burnin else nll
+        data = self.burnin_loss(outputs, target) if self.in_burnin else nll
         kl = kl_divergence(self.model)
         loss = elbo_loss(data, kl, self.num_training_points, self.beta)
         return {"loss": loss, "nll": nll, "kl": kl}, outputs
@@ -156,4 +161,12 @@ class BNNVIRegression(RegressionTask, BNNVI):
 
     Prediction is the Gaussian mixture over weight samples: ``pred_uct^2 = aleatoric^2 +
     epistemic^2`` (see :func:`uq_box.methods.predictive.regression_predictive`).
+    """
+
+
+class BNNVIClassification(ClassificationTask, BNNVI):
+    """Bayes by Backprop for classification (default criterion: cross-entropy on the logits).
+
+    The predictive is the mean of the sampled softmax probabilities; its entropy splits into the
+    expected entropy (aleatoric) and the mutual information (epistemic).
     """

@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def regression_predictive(outputs: Tensor, criterion: nn.Module) -> dict[str, Tensor]:
+def regression_predictive(
+    outputs: Tensor, criterion: nn.Module, noise_std: Tensor | None = None
+) -> dict[str, Tensor]:
     """Moments of the Gaussian mixture over ``S`` samples, with the uncertainty split.
 
     Each sample ``s`` gives a Gaussian ``N(mu_s, sigma_s^2)`` (``sigma_s`` from the criterion; none
@@ -15,6 +17,7 @@ def regression_predictive(outputs: Tensor, criterion: nn.Module) -> dict[str, Te
     Args:
         outputs: raw network outputs ``[S, N, O]``.
         criterion: reads ``O`` outputs as ``(mean, std)`` through ``mean_and_std``.
+        noise_std: homoscedastic noise std used when the criterion gives no std (mean-only).
 
     Returns:
         ``pred``, ``pred_uct`` (total std), ``epistemic_uct``, ``aleatoric_uct`` (stds), each
@@ -23,7 +26,12 @@ def regression_predictive(outputs: Tensor, criterion: nn.Module) -> dict[str, Te
     means, stds = criterion_mean_and_std(criterion, outputs)
     pred = means.mean(0)
     epistemic_var = means.var(0, unbiased=False)
-    aleatoric_var = epistemic_var.new_zeros(()) if stds is None else (stds**2).mean(0)
+    if stds is not None:
+        aleatoric_var = (stds**2).mean(0)
+    elif noise_std is not None:
+        aleatoric_var = noise_std.to(pred.dtype) ** 2
+    else:
+        aleatoric_var = epistemic_var.new_zeros(())
     aleatoric_var = aleatoric_var.expand_as(pred)
     return {
         "pred": pred,

@@ -1,6 +1,8 @@
 """Bayesian layers (drop-in for ``torch.nn``), priors, KL and model conversion."""
 
 from uq_box.nn.convert import parameter_layers, select_modules, to_bayesian
+from uq_box.nn.dropout import MCDropout, to_mc_dropout
+from uq_box.nn.ensemble import StackedEnsemble, stack_members
 from uq_box.nn.kl import kl, kl_divergence
 from uq_box.nn.layers import (
     BayesianConv1d,
@@ -18,8 +20,10 @@ __all__ = [
     "BayesianConv3d",
     "BayesianLinear",
     "BayesianModule",
+    "MCDropout",
     "MCState",
     "Prior",
+    "StackedEnsemble",
     "current_mc_state",
     "kl",
     "kl_divergence",
@@ -28,5 +32,7 @@ __all__ = [
     "parameter_layers",
     "sample_forward",
     "select_modules",
+    "stack_members",
     "to_bayesian",
+    "to_mc_dropout",
 ]

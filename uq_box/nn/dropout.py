@@ -1,0 +1,49 @@
+"""Dropout that samples its masks as a Monte Carlo dimension (Gal & Ghahramani 2016)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from uq_box.nn.sampling import current_mc_state
+
+
+class MCDropout(nn.Dropout):
+    """``nn.Dropout`` that stays active inside :func:`~uq_box.nn.sampling.mc_sampling`.
+
+    Outside the context it is plain dropout (active in train mode only). Inside, it always drops,
+    whatever the module's mode, so BatchNorm and other layers can stay in eval mode while the
+    masks are sampled. The first stochastic layer a forward pass meets folds the batch into
+    ``[S * N, ...]``: the layers before it run once.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = current_mc_state()
+        if state is None:
+            return super().forward(x)
+        if not state.folded:
+            x = x.unsqueeze(0).expand(state.num_samples, *x.shape).flatten(0, 1)
+            state.folded = True
+        return F.dropout(x, self.p, training=True, inplace=False)
+
+
+def to_mc_dropout(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Dropout`` in ``model`` by :class:`MCDropout` (same ``p``), in place.
+
+    Raises:
+        ValueError: the model has no dropout layer, or all have ``p == 0``.
+    """
+    found = []
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, MCDropout(child.p))
+                found.append(child.p)
+            elif isinstance(child, MCDropout):
+                found.append(child.p)
+    if not found or not any(p > 0 for p in found):
+        raise ValueError(
+            f"`model` needs nn.Dropout layers with p > 0 for MC dropout, found "
+            f"{len(found)} with p={found}; e.g. MLP(..., dropout_p=0.1)"
+        )
+    return model
