@@ -1,6 +1,23 @@
 """Metrics for uncertainty quantification: torchmetrics classes and pure torch functions."""
 
-from uq_box.metrics import functional
+from uq_box.metrics import functional, functional_classification
+from uq_box.metrics.classification import (
+    BrierScore,
+    ExpectedCalibrationError,
+    MulticlassNLL,
+    OODDetection,
+)
 from uq_box.metrics.regression import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
 
-__all__ = ["CRPS", "GaussianNLL", "IntervalCoverage", "MiscalibrationArea", "functional"]
+__all__ = [
+    "CRPS",
+    "BrierScore",
+    "ExpectedCalibrationError",
+    "GaussianNLL",
+    "IntervalCoverage",
+    "MiscalibrationArea",
+    "MulticlassNLL",
+    "OODDetection",
+    "functional",
+    "functional_classification",
+]
