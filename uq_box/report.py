@@ -13,15 +13,17 @@ import torch  # noqa: E402
 from lightning import LightningDataModule  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from uq_box.methods.base import UQMethod  # noqa: E402
+from uq_box.methods.base import ClassificationTask, UQMethod  # noqa: E402
 from uq_box.viz import (  # noqa: E402
     plot_calibration,
+    plot_decision_surface,
     plot_predictions_regression,
+    plot_reliability_diagram,
     plot_toy_regression_data,
     plot_training_metrics,
 )
 
-TRAINING_METRICS = ("train_loss", "train_nll", "train_kl", "train_rmse")
+TRAINING_METRICS = ("train_loss", "train_nll", "train_kl", "train_rmse", "train_accuracy")
 
 
 def _save(fig: Figure, path: Path) -> str:
@@ -39,8 +41,10 @@ def write_report(
 ) -> Path:
     """Write ``test_metrics.json`` into ``run_dir`` and the plots into ``run_dir/report``.
 
-    Plots: the data, the training metrics (from the run's ``metrics.csv``), the predictions with
-    their epistemic and aleatoric parts (1-D inputs), and the calibration curve on the test set.
+    Regression: the data, the training metrics (from the run's ``metrics.csv``), the predictions
+    with their epistemic and aleatoric parts (1-D inputs), and the calibration curve on the test
+    set. Classification: the training metrics, the decision surface with its mutual-information
+    map (2-D inputs with a ``grid``), and the reliability diagram on the test set.
 
     Returns:
         The report folder.
@@ -53,7 +57,8 @@ def write_report(
     x_train, y_train = datamodule.X_train, datamodule.Y_train
     x_test, y_test = datamodule.X_test, datamodule.Y_test
     images = []
-    one_dimensional = x_train.ndim == 2 and x_train.shape[1] == 1 and y_train.shape[-1] == 1
+    classification = isinstance(model, ClassificationTask)
+    one_dimensional = not classification and x_train.shape[1:] == (1,) and y_train.shape[-1] == 1
     if one_dimensional:
         images.append(
             _save(plot_toy_regression_data(x_train, y_train, x_test, y_test), report / "data.png")
@@ -85,8 +90,26 @@ def write_report(
         )
         images.append(_save(fig, report / "predictions.png"))
     preds = model.predict_step(x_test)
-    fig = plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test)
-    images.append(_save(fig, report / "calibration.png"))
+    if classification:
+        if x_train.shape[1:] == (2,) and hasattr(datamodule, "grid"):
+            grid = datamodule.grid()
+            grid_preds = model.predict_step(grid)
+            fig = plot_decision_surface(
+                x_train,
+                y_train,
+                grid,
+                grid_preds["pred"],
+                grid_preds["epistemic_uct"],
+                grid_extent=datamodule.grid_extent(),
+                title=title,
+                uncertainty_label="mutual information (epistemic)",
+            )
+            images.append(_save(fig, report / "decision_surface.png"))
+        fig = plot_reliability_diagram(preds["pred"], y_test)
+        images.append(_save(fig, report / "reliability.png"))
+    else:
+        fig = plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test)
+        images.append(_save(fig, report / "calibration.png"))
     lines = [f"# {title}", "", "| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.4g} |" for k, v in test_metrics.items()]
     lines += [""] + [f"![{Path(name).stem}]({name})" for name in images]

@@ -1,5 +1,6 @@
 """Plain backbones to wrap with a UQ method."""
 
+from uq_box.models.cnn import CNN
 from uq_box.models.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["CNN", "MLP"]

@@ -1,5 +1,12 @@
 """Matplotlib plots; every function returns a ``Figure`` and never calls ``plt.show()``."""
 
+from uq_box.viz.classification import (
+    plot_decision_surface,
+    plot_reliability_diagram,
+    plot_rotated_examples,
+    plot_uncertainty_vs_rotation,
+)
+from uq_box.viz.comparison import plot_predictions_comparison
 from uq_box.viz.regression import (
     plot_calibration,
     plot_predictions_regression,
@@ -9,7 +16,12 @@ from uq_box.viz.training import plot_training_metrics
 
 __all__ = [
     "plot_calibration",
+    "plot_decision_surface",
+    "plot_predictions_comparison",
     "plot_predictions_regression",
+    "plot_reliability_diagram",
+    "plot_rotated_examples",
     "plot_toy_regression_data",
     "plot_training_metrics",
+    "plot_uncertainty_vs_rotation",
 ]

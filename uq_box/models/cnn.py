@@ -1,0 +1,95 @@
+"""A small LeNet-like convolutional backbone for small images (the 8x8 digits)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class CNN(nn.Module):
+    """``[Conv2d(3x3, same) -> ReLU -> Dropout -> MaxPool2d(2)]`` per entry of ``channels``,
+    then ``Flatten -> Linear -> ReLU -> Dropout -> Linear``.
+
+    Everything is one ``nn.Sequential`` (``self.model``) with ``nn.Flatten`` inside it, so the
+    network works on any batch size, including the folded ``[S * N, ...]`` batches of
+    :func:`uq_box.nn.sample_forward`, and every ``Conv2d``/``Linear`` can be made Bayesian by
+    :func:`uq_box.nn.to_bayesian`. The ``nn.Dropout`` modules after the activations are what MC
+    dropout switches on at test time (``dropout_p=0`` makes them no-ops).
+
+    Args:
+        in_channels: channels of the input images.
+        n_classes: outputs (class logits).
+        channels: output channels of each convolutional block; each block halves the image size.
+        hidden: width of the hidden fully connected layer.
+        dropout_p: dropout probability after every activation.
+        image_size: height and width of the (square) input images.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 10,
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 64,
+        dropout_p: float = 0.0,
+        image_size: int = 8,
+    ) -> None:
+        super().__init__()
+        channels = tuple(channels)
+        for name, value in (
+            ("in_channels", in_channels),
+            ("n_classes", n_classes),
+            ("hidden", hidden),
+            ("image_size", image_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if not channels or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels
+        ):
+            raise ValueError(
+                f"`channels` must be a non-empty sequence of positive integers, got {channels!r}"
+            )
+        if image_size // 2 ** len(channels) < 1:
+            raise ValueError(
+                f"`image_size`={image_size} is too small for {len(channels)} pooling blocks "
+                f"(`channels`={channels}); each block halves the size"
+            )
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+
+        layers: list[nn.Module] = []
+        width, size = in_channels, image_size
+        for out in channels:
+            layers += [
+                nn.Conv2d(width, out, kernel_size=3, padding=1),
+                nn.ReLU(),
+                nn.Dropout(dropout_p),
+                nn.MaxPool2d(2),
+            ]
+            width, size = out, size // 2
+        layers += [
+            nn.Flatten(),
+            nn.Linear(width * size * size, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout_p),
+            nn.Linear(hidden, n_classes),
+        ]
+        self.model = nn.Sequential(*layers)
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.n_classes = n_classes
+        self.n_outputs = n_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` (or flattened ``[N, C * H * W]``) ``-> [N, n_classes]`` logits."""
+        if x.ndim == 2:
+            shape = (self.in_channels, self.image_size, self.image_size)
+            if x.shape[1] != shape[0] * shape[1] * shape[2]:
+                raise ValueError(
+                    f"flattened input has {x.shape[1]} features; expected "
+                    f"{shape[0] * shape[1] * shape[2]} (images {list(shape)})"
+                )
+            x = x.reshape(x.shape[0], *shape)
+        return self.model(x)
