@@ -33,7 +33,8 @@ class DeepEnsemble(UQMethod):
         criterion: the data loss of each member (task default when ``None``).
         optimizer: callable taking the parameters.
         lr_scheduler: callable taking the optimizer.
-        num_members: ensemble size ``M`` (``None`` when ``model`` is a list).
+        num_members: ensemble size ``M`` (5 when ``None`` and ``model`` is one network; the
+            list's length when ``model`` is a list).
         burnin_epochs: epochs trained on the burn-in loss (regression: MSE of the mean).
     """
 
@@ -43,7 +44,7 @@ class DeepEnsemble(UQMethod):
         criterion: nn.Module | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        num_members: int | None = 5,
+        num_members: int | None = None,
         burnin_epochs: int = 0,
     ) -> None:
         ensemble = stack_members(model, num_members)

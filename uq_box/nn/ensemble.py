@@ -47,6 +47,11 @@ class StackedEnsemble(nn.Module):
                     f"`members` must share one architecture; member {i} differs from member 0 "
                     f"in {sorted(set(shapes.items()) ^ set(reference.items()))[:3]}"
                 )
+            if repr(member) != repr(members[0]):  # parameter-free layers (activations, dropout)
+                raise ValueError(
+                    f"`members` must share one architecture; member {i} is {member!r}, "
+                    f"member 0 is {members[0]!r}"
+                )
         params, buffers = stack_module_state(members)
         self.num_members = len(members)
         self.params = nn.ParameterDict(
@@ -65,6 +70,9 @@ class StackedEnsemble(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Every member on the same inputs ``[N, ...]``: ``[M, N, ...]``."""
+        # the template sits outside the module tree: give it this module's train/eval mode
+        if self._template.training != self.training:
+            self._template.train(self.training)
 
         def call(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
             return functional_call(self._template, (params, buffers), (x,))
@@ -79,7 +87,7 @@ class StackedEnsemble(nn.Module):
         params, buffers = self._stacked()
         state = {k: v[index].detach().clone() for k, v in {**params, **buffers}.items()}
         module.load_state_dict(state)
-        return module
+        return module.train(self.training)
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, architecture={type(self._template).__name__}"
@@ -88,8 +96,9 @@ class StackedEnsemble(nn.Module):
 def stack_members(
     model: nn.Module | Sequence[nn.Module], num_members: int | None
 ) -> StackedEnsemble:
-    """Stack given members, or ``num_members`` freshly initialized copies of ``model``."""
-    if isinstance(model, nn.Module):
+    """Stack given members, or ``num_members`` (default 5) fresh copies of ``model``."""
+    if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
+        num_members = 5 if num_members is None else num_members
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
             raise ValueError(f"`num_members` must be a positive integer, got {num_members!r}")
         return StackedEnsemble([model] + [reinitialized(model) for _ in range(num_members - 1)])
