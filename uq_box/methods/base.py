@@ -421,6 +421,7 @@ class ClassificationTask:
         self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
     ) -> None:
         """Feed the mean probabilities to the metrics."""
+        self._check_target(preds["logits"], target)
         for name, metric in metrics.items():
             if name == "accuracy":
                 metric.update((preds["pred"].argmax(-1) == target).float())
