@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install uq_box into it. torch 2.13.0 (CPU build) goes in first, so
-# pip never resolves torch to a multi-GB CUDA build; then the package with its dev extras.
+# Create or reuse a virtual environment and install uq_box into it.
+#   bash scripts/setup.sh            .venv: torch 2.13.0 (CPU build) first, so pip never resolves
+#                                    torch to a multi-GB CUDA build; then uq_box[dev].
+#   bash scripts/setup.sh --laplace  .venv-laplace: torch 2.14.1 + torchvision 0.29.1 first
+#                                    (laplace-torch needs torchvision), then uq_box[dev,laplace].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$python" -m venv .venv
+if [ "${1:-}" = "--laplace" ]; then
+    venv=.venv-laplace torch_pins="torch==2.14.1 torchvision==0.29.1" extras="dev,laplace"
+else
+    venv=.venv torch_pins="torch==2.13.0" extras="dev"
 fi
-pip="./.venv/bin/python -m pip --disable-pip-version-check -q"
-if ! ./.venv/bin/python -c "import torch" 2>/dev/null; then
-    $pip install "torch==2.13.0"
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
 fi
-$pip install -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-./.venv/bin/python -c "import uq_box, torch; print(f'uq_box ready (torch {torch.__version__})')"
+pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+# shellcheck disable=SC2086
+$pip install $torch_pins 2>&1 | grep -v "^WARNING: Location" || true
+$pip install -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -c "import uq_box, torch; print(f'uq_box ready in $venv (torch {torch.__version__})')"

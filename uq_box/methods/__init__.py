@@ -14,6 +14,7 @@ from uq_box.methods.deterministic import (
     MVERegression,
 )
 from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
+from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 
 __all__ = [
     "BNNVI",
@@ -31,5 +32,8 @@ __all__ = [
     "MCDropoutRegression",
     "MVERegression",
     "RegressionTask",
+    "SWAG",
+    "SWAGClassification",
+    "SWAGRegression",
     "UQMethod",
 ]
