@@ -1,4 +1,4 @@
-"""Losses: Gaussian negative log-likelihood and the evidence lower bound.
+"""Losses: Gaussian negative log-likelihood, the evidence lower bound and the pinball loss.
 
 A regression criterion also says how to read the network's raw outputs as a predictive mean and
 standard deviation (:meth:`NLL.mean_and_std`), so that every method splits uncertainty the same way.
@@ -97,3 +97,110 @@ def elbo_loss(data_nll: Tensor, kl: Tensor, num_training_points: int, beta: floa
     unchanged and keeps step sizes independent of the data set size.
     """
     return data_nll + beta * kl / num_training_points
+
+
+def pinball_loss(quantile_pred: Tensor, target: Tensor, level: Tensor | float) -> Tensor:
+    """Elementwise pinball (check) loss of Koenker & Bassett (1978), "Regression Quantiles".
+
+    ``rho_q(r) = max(q r, (q - 1) r)`` of the residual ``r = target - quantile_pred``: under-
+    predictions cost ``q`` per unit, over-predictions ``1 - q``, so its expectation is minimal at
+    the ``q``-quantile of the target's distribution. Shapes broadcast.
+    """
+    residual = target - quantile_pred
+    return torch.maximum(level * residual, (level - 1.0) * residual)
+
+
+class PinballLoss(nn.Module):
+    """Pinball loss over several quantile levels, averaged over levels, points and samples.
+
+    The network gives one output per level and target, laid out ``[..., T * Q]`` (target-major:
+    the ``Q`` levels of target 0, then of target 1, ...); for one target simply ``[..., Q]``.
+    Averaging (rather than summing) over levels keeps the loss' scale independent of ``Q``; the
+    minimizer is the same.
+
+    As a regression criterion it also reads the outputs as a point prediction and a spread
+    (:meth:`mean_and_std`): the median, and the standard deviation of the Gaussian whose
+    ``q_lo``- and ``q_hi``-quantiles are the outer predicted quantiles,
+    ``(upper - lower) / (z(q_hi) - z(q_lo))`` -- ``(upper - lower) / (2 z(q_hi))`` for a central
+    interval such as ``(0.05, 0.95)``. Predicted quantiles are sorted first (the monotone
+    rearrangement of Chernozhukov, Fernandez-Val & Galichon 2010), so crossing quantiles never
+    give a negative width; training uses the raw outputs.
+
+    Args:
+        quantiles: strictly increasing levels in ``(0, 1)``. :meth:`mean_and_std` needs ``0.5``
+            (the point prediction) and at least one other level.
+        min_std: floor of the Gaussian-equivalent standard deviation.
+    """
+
+    def __init__(
+        self,
+        quantiles: tuple[float, ...] | list[float] = (0.05, 0.5, 0.95),
+        min_std: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        try:
+            levels = tuple(float(q) for q in quantiles)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"`quantiles` must be a sequence of levels in (0, 1), got {quantiles!r}"
+            ) from err
+        if not levels or not all(0.0 < q < 1.0 for q in levels):
+            raise ValueError(
+                f"`quantiles` must be a non-empty sequence of levels in (0, 1), got {quantiles!r}"
+            )
+        if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
+            raise ValueError(f"`quantiles` must be strictly increasing, got {quantiles!r}")
+        if not min_std >= 0:
+            raise ValueError(f"`min_std` must be non-negative, got {min_std}")
+        self.quantiles = levels
+        self.min_std = min_std
+        self.register_buffer("levels", torch.tensor(levels), persistent=False)
+
+    @property
+    def num_outputs(self) -> int:
+        """Network outputs per target: one per quantile level."""
+        return len(self.quantiles)
+
+    def _split_levels(self, outputs: Tensor) -> Tensor:
+        """``[..., T * Q] -> [..., T, Q]`` (a clear error on a width that is no multiple of Q)."""
+        num_levels = len(self.quantiles)
+        if outputs.shape[-1] == 0 or outputs.shape[-1] % num_levels != 0:
+            raise ValueError(
+                f"the network gives {outputs.shape[-1]} outputs per point, expected a multiple "
+                f"of len(`quantiles`) = {num_levels} (one output per quantile level and target)"
+            )
+        return outputs.unflatten(-1, (-1, num_levels))
+
+    def quantile_outputs(self, outputs: Tensor) -> Tensor:
+        """Predicted quantiles ``[..., T, Q]``, sorted along the levels."""
+        return self._split_levels(outputs).sort(dim=-1).values
+
+    def check_levels_for_prediction(self) -> None:
+        """Raise unless the levels include the median and another level."""
+        if 0.5 not in self.quantiles or len(self.quantiles) < 2:
+            raise ValueError(
+                f"`quantiles` must contain 0.5 (the median is the point prediction) and at least "
+                f"one other level, got {self.quantiles}"
+            )
+
+    def gaussian_std(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Std of the Gaussian with ``lower``/``upper`` as its outer-level quantiles."""
+        outer = torch.tensor([self.quantiles[0], self.quantiles[-1]], dtype=torch.float64)
+        z_lo, z_hi = torch.special.ndtri(outer).tolist()
+        return ((upper - lower) / (z_hi - z_lo)).clamp_min(self.min_std)
+
+    def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """``[..., T * Q] -> (median [..., T], Gaussian-equivalent std [..., T])``."""
+        self.check_levels_for_prediction()
+        quantiles = self.quantile_outputs(outputs)
+        median = quantiles[..., self.quantiles.index(0.5)]
+        return median, self.gaussian_std(quantiles[..., 0], quantiles[..., -1])
+
+    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Mean pinball loss of outputs ``[..., T * Q]`` against ``target`` ``[..., T]``."""
+        quantiles = self._split_levels(outputs)
+        levels = self.levels.to(quantiles.dtype)
+        return pinball_loss(quantiles, target.unsqueeze(-1).to(quantiles.dtype), levels).mean()
+
+    def extra_repr(self) -> str:
+        return f"quantiles={self.quantiles}"

@@ -23,7 +23,14 @@ from uq_box.viz import (  # noqa: E402
     plot_training_metrics,
 )
 
-TRAINING_METRICS = ("train_loss", "train_nll", "train_kl", "train_rmse", "train_accuracy")
+TRAINING_METRICS = (
+    "train_loss",
+    "train_nll",
+    "train_pinball",
+    "train_kl",
+    "train_rmse",
+    "train_accuracy",
+)
 
 
 def _save(fig: Figure, path: Path) -> str:

@@ -126,11 +126,13 @@ class ArrayDataModule(LightningDataModule):
         X_val, y_val: optional validation split.
         X_test, y_test: optional test split.
         batch_size: training batch size.
-        eval_batch_size: batch size of the validation, test and predict loaders.
+        eval_batch_size: batch size of the validation, test, calibration and predict loaders.
         seed: seed of the training shuffle.
+        X_calib, y_calib: optional calibration split, held out from training and validation for
+            post-hoc calibration (e.g. :class:`uq_box.methods.posthoc.ConformalRegression`).
     """
 
-    splits = ("train", "val", "test")
+    splits = ("train", "val", "test", "calib")
 
     def __init__(
         self,
@@ -143,6 +145,8 @@ class ArrayDataModule(LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 1024,
         seed: int = 0,
+        X_calib: ArrayLike | None = None,  # noqa: N803
+        y_calib: ArrayLike | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -163,6 +167,7 @@ class ArrayDataModule(LightningDataModule):
             ("train", X_train, y_train),
             ("val", X_val, y_val),
             ("test", X_test, y_test),
+            ("calib", X_calib, y_calib),
         ):
             self._set_split(split, x, y)
 
@@ -186,7 +191,7 @@ class ArrayDataModule(LightningDataModule):
         self._data[split] = (x_t, y_t)
 
     def has_split(self, split: str) -> bool:
-        """Whether the data module holds ``split`` (``"train"``, ``"val"``, ``"test"``, ...)."""
+        """Whether the data module holds ``split`` (``"train"``, ``"val"``, ``"test"``, ``"calib"``)."""
         return split in self._data
 
     def split(self, split: str) -> tuple[Tensor, Tensor]:
@@ -217,6 +222,11 @@ class ArrayDataModule(LightningDataModule):
         x, y = self.split("test")
         return InMemoryLoader(x, y, batch_size=self.eval_batch_size, shuffle=False)
 
+    def calib_dataloader(self) -> InMemoryLoader:
+        """Calibration batches (in order); a clear error when there is no calibration split."""
+        x, y = self.split("calib")
+        return InMemoryLoader(x, y, batch_size=self.eval_batch_size, shuffle=False)
+
     def predict_dataloader(self) -> InMemoryLoader:
         """Batches of the test inputs, for ``Trainer.predict``."""
         return self.test_dataloader()
@@ -245,3 +255,11 @@ class ArrayDataModule(LightningDataModule):
     @property
     def Y_test(self) -> Tensor:  # noqa: N802
         return self.split("test")[1]
+
+    @property
+    def X_calib(self) -> Tensor:  # noqa: N802
+        return self.split("calib")[0]
+
+    @property
+    def Y_calib(self) -> Tensor:  # noqa: N802
+        return self.split("calib")[1]

@@ -24,7 +24,9 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
     """1-D regression whose noise level changes with the input.
 
     ``y = sin(x) + 0.3 x + eps``, ``eps ~ N(0, s(x)^2)`` with ``s`` between 0.05 and 0.45, for
-    ``x`` uniform on ``[x_min, x_max]``. Train, validation and test points are independent draws.
+    ``x`` uniform on ``[x_min, x_max]``. Train, validation, test and (optional) calibration points
+    are independent draws; the calibration points are drawn last, so ``n_calib`` leaves the other
+    splits of a seed unchanged.
     ``X_gtext``/``Y_gtext`` hold a dense noise-free grid that extends ``extension`` past both ends
     of the training range, to show how a method extrapolates.
 
@@ -37,6 +39,7 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         n_gt: points on the ground-truth grid.
         batch_size: training batch size.
         seed: seed of the data and of the shuffle.
+        n_calib: independent calibration points (the ``"calib"`` split); none when 0.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         n_gt: int = 500,
         batch_size: int = 32,
         seed: int = 0,
+        n_calib: int = 0,
     ) -> None:
         if n_points < 2:
             raise ValueError(f"`n_points` must be at least 2, got {n_points}")
@@ -57,6 +61,8 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
             raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
+        if isinstance(n_calib, bool) or not isinstance(n_calib, int) or n_calib < 0:
+            raise ValueError(f"`n_calib` must be a non-negative integer, got {n_calib!r}")
         n_val = round(n_points * val_fraction)
         if n_points - n_val < 1:
             raise ValueError(
@@ -72,8 +78,18 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         x_train, y_train = draw(n_points - n_val)
         x_val, y_val = draw(n_val) if n_val > 0 else (None, None)
         x_test, y_test = draw(n_test)
+        x_calib, y_calib = draw(n_calib) if n_calib > 0 else (None, None)
         super().__init__(
-            x_train, y_train, x_val, y_val, x_test, y_test, batch_size=batch_size, seed=seed
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            x_test,
+            y_test,
+            batch_size=batch_size,
+            seed=seed,
+            X_calib=x_calib,
+            y_calib=y_calib,
         )
         self.X_gtext = torch.linspace(x_min - extension, x_max + extension, n_gt).unsqueeze(-1)
         self.Y_gtext = toy_heteroscedastic_function(self.X_gtext)

@@ -14,10 +14,13 @@ from uq_box.methods.deterministic import (
     MVERegression,
 )
 from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
+from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
+from uq_box.methods.quantile import QuantileRegression
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 
 __all__ = [
     "BNNVI",
+    "ConformalRegression",
     "BNNVIClassification",
     "BNNVIRegression",
     "ClassificationTask",
@@ -31,9 +34,12 @@ __all__ = [
     "MCDropoutClassification",
     "MCDropoutRegression",
     "MVERegression",
+    "PostHocCalibration",
+    "QuantileRegression",
     "RegressionTask",
     "SWAG",
     "SWAGClassification",
     "SWAGRegression",
+    "TemperatureScaling",
     "UQMethod",
 ]

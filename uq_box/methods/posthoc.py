@@ -442,7 +442,8 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
     ``mean_s softmax(logits_s / T)`` (:func:`tempered_nll`; for one sample, the plain softmax):
     the wrapped method's logits ``[S, N, C]`` are computed once, then ``log T`` is optimized by
     L-BFGS (strong Wolfe line search, float64) from ``T = 1``. The fitted ``T`` is clamped to
-    ``[1e-3, 1e3]`` (a perfectly separated calibration set drives ``T`` to 0; a warning says so).
+    ``[1e-3, 1e3]``; a calibration set that every sample classifies correctly drives ``T`` towards
+    0 (the NLL has no minimum), and a warning says so.
     For one sample the predicted classes, hence the accuracy, are unchanged.
 
     ``predict_step`` returns the classification contract of the tempered logits (see
@@ -506,13 +507,22 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
             optimizer.step(closure)
         temperature = log_t.detach().exp().item()
         low, high = self.temperature_range
-        if not math.isfinite(temperature) or not low <= temperature <= high:
+        clamped = min(max(temperature, low), high) if math.isfinite(temperature) else 1.0
+        if bool((logits.argmax(-1) == target).all()):
             warnings.warn(
-                f"the fitted temperature {temperature:.3g} is outside {self.temperature_range} "
-                f"(a perfectly separated or degenerate calibration set?); clamped",
+                f"every calibration point is classified correctly by every sample, so the NLL "
+                f"keeps falling as T -> 0; the fitted T = {clamped:.3g} is where L-BFGS stopped "
+                f"(clamped to {self.temperature_range}). Calibrate on more (or harder) held-out "
+                f"data",
                 stacklevel=2,
             )
-            temperature = min(max(temperature, low), high) if math.isfinite(temperature) else 1.0
+        elif clamped != temperature:
+            warnings.warn(
+                f"the fitted temperature {temperature:.3g} is outside {self.temperature_range} "
+                f"(a degenerate calibration set?); clamped to {clamped:.3g}",
+                stacklevel=2,
+            )
+        temperature = clamped
         self.temperature = torch.tensor(temperature, device=self.temperature.device)
 
     def calibration_summary(self) -> dict[str, float]:

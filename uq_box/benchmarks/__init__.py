@@ -1,0 +1,1 @@
+"""Benchmarks run by ``uq-box benchmark ...``: the UCI regression protocol."""

@@ -1,0 +1,698 @@
+"""The UCI regression benchmark: ``uq-box benchmark uci`` reproduces the published table.
+
+Protocol (Hernández-Lobato & Adams 2015; Gal & Ghahramani 2016; Lakshminarayanan et al. 2017): one
+hidden layer of 50 ReLU units (100 for protein), the standard splits, features and target
+standardized with each split's training statistics, test RMSE and test log-likelihood per point in
+the original units, mean ± standard error over the splits.
+
+Speed: the ``K`` splits of a data set and the ``M`` members of an ensemble train as ONE vectorized
+model of ``G = K * M`` networks with stacked weights (``[G, in, out]``, batched ``baddbmm``), each
+network fed minibatches from its own split's training set. This is a hand-written eager loop, not
+Lightning: at these sizes a Lightning step costs more than the math (DESIGN.md, performance notes),
+and ``torch.func.vmap`` over ``functional_call`` adds per-call overhead that batched matmuls avoid.
+The stochastic pieces follow uq_box's layers: heteroscedastic Gaussian heads with
+:func:`uq_box.losses.softplus_std`, mean-field Gaussian weights with the local reparameterization
+trick and the closed-form KL of :func:`uq_box.nn.priors.normal_kl` as in
+:class:`uq_box.nn.BayesianLinear`, the ELBO of :func:`uq_box.losses.elbo_loss`, dropout masks as a
+Monte Carlo dimension as in :class:`uq_box.nn.MCDropout`, and the predictive moments of
+:func:`uq_box.methods.predictive.regression_predictive`.
+
+Per-split fit time is the vectorized fit time of the (data set, method) divided by its splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import resources
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from uq_box.datamodules.uci import UCI_DATASETS, load_uci_split, uci_info
+from uq_box.losses import NLL, elbo_loss, softplus_std
+from uq_box.losses import gaussian_nll as gaussian_nll_terms
+from uq_box.methods.predictive import regression_predictive
+from uq_box.metrics.functional import (
+    gaussian_crps,
+    gaussian_nll,
+    interval_coverage,
+    miscalibration_area,
+)
+from uq_box.nn.priors import normal_kl
+
+__all__ = [
+    "METHODS",
+    "fit_dataset",
+    "load_config",
+    "main",
+    "markdown_table",
+    "plot_results",
+    "published_results",
+    "run_benchmark",
+    "split_metrics",
+]
+
+METHODS = ("mve", "deep_ensemble", "mc_dropout", "bnn_vi")
+"""Methods the benchmark knows."""
+
+METHOD_LABELS = {
+    "mve": "MVE (uq_box)",
+    "deep_ensemble": "Deep ensemble (uq_box)",
+    "mc_dropout": "MC dropout (uq_box)",
+    "bnn_vi": "BNN VI (uq_box)",
+}
+
+PUBLISHED_SHORT = {
+    "PBP": "PBP (Hernandez-Lobato & Adams 2015)",
+    "MC dropout (paper)": "MC dropout (Gal & Ghahramani 2016, arXiv v6 Table 1)",
+    "Deep ensembles (paper)": (
+        "Deep ensembles (Lakshminarayanan et al. 2017, Table 1; +- may be a std dev)"
+    ),
+}
+"""Published rows shown in the table: short label -> ``method`` in ``published_results.csv``."""
+
+DEEP_ENSEMBLES_PAPER = PUBLISHED_SHORT["Deep ensembles (paper)"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "uci" / "default.yaml"
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "threads": 1,
+    "workers": 2,
+    "epoch_multiplier": 1,
+    "batch_size": 32,
+    "lr": 0.01,
+    "lr_schedule": "constant",
+    "weight_decay": 0.0,
+    "min_std": 1.0e-6,
+    "eval_samples": 100,
+    "methods": {
+        "mve": {"num_members": 1},
+        "deep_ensemble": {"num_members": 5},
+        "mc_dropout": {"num_members": 1, "dropout_p": 0.05},
+        "bnn_vi": {"num_members": 1, "prior_std": 1.0, "posterior_rho_init": -5.0},
+    },
+}
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark hyperparameters: :data:`DEFAULTS` updated from a YAML file (method-wise)."""
+    import copy
+
+    import yaml
+
+    config = copy.deepcopy(DEFAULTS)
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            return config
+        path = DEFAULT_CONFIG
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`--config` file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"`--config` {path} must hold a mapping, got {type(loaded).__name__}")
+    unknown = set(loaded) - set(DEFAULTS) - {"per_dataset"}
+    if unknown:
+        raise ValueError(
+            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(DEFAULTS)}"
+        )
+    for key, value in loaded.items():
+        if key == "methods":
+            for method, options in (value or {}).items():
+                if method not in METHODS:
+                    raise ValueError(
+                        f"`--config` {path}: unknown method {method!r}; known {METHODS}"
+                    )
+                config["methods"][method].update(options or {})
+        else:
+            config[key] = value
+    return config
+
+
+def _dataset_options(config: dict[str, Any], dataset: str, method: str) -> dict[str, Any]:
+    """Global options, then the method's, then ``per_dataset[dataset]`` (and its method part)."""
+    options = {k: v for k, v in config.items() if k not in ("methods", "per_dataset")}
+    options.update(config["methods"][method])
+    override = (config.get("per_dataset") or {}).get(dataset) or {}
+    options.update({k: v for k, v in override.items() if k != "methods"})
+    options.update((override.get("methods") or {}).get(method) or {})
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+# The vectorized model: G one-hidden-layer MLPs with stacked weights
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> Tensor:
+    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+
+
+@dataclass
+class StackedMLP:
+    """``G`` MLPs ``D -> H -> 2`` as stacked tensors; Bayesian ones hold ``rho`` too.
+
+    Weights are initialized as ``nn.Linear`` does (uniform in ``±1/sqrt(fan_in)``).
+    """
+
+    params: dict[str, Tensor]
+    bayesian: bool
+    dropout_p: float
+
+    @classmethod
+    def create(
+        cls,
+        num_models: int,
+        in_features: int,
+        hidden: int,
+        generator: torch.Generator,
+        bayesian: bool = False,
+        dropout_p: float = 0.0,
+        rho_init: float = -5.0,
+    ) -> StackedMLP:
+        g, d, h = num_models, in_features, hidden
+        params = {
+            "w1": _uniform((g, d, h), 1.0 / math.sqrt(d), generator),
+            "b1": _uniform((g, 1, h), 1.0 / math.sqrt(d), generator),
+            "w2": _uniform((g, h, 2), 1.0 / math.sqrt(h), generator),
+            "b2": _uniform((g, 1, 2), 1.0 / math.sqrt(h), generator),
+        }
+        if bayesian:
+            for name in list(params):
+                params[name + "_rho"] = torch.full_like(params[name], rho_init)
+        for value in params.values():
+            value.requires_grad_(True)
+        return cls(params, bayesian, dropout_p)
+
+    def _layer(self, x: Tensor, name: str, sample: bool) -> Tensor:
+        """``x [G, B, in] -> [G, B, out]``; Bayesian: local reparameterization."""
+        w, b = self.params["w" + name], self.params["b" + name]
+        mean = torch.baddbmm(b, x, w)
+        if not self.bayesian:
+            return mean
+        w_var = F.softplus(self.params[f"w{name}_rho"]) ** 2
+        b_var = F.softplus(self.params[f"b{name}_rho"]) ** 2
+        if not sample:
+            return mean
+        var = torch.baddbmm(b_var, x * x, w_var)
+        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+    def forward(self, x: Tensor, sample: bool = True) -> Tensor:
+        """Raw outputs ``[G, B, 2]`` (mean, unconstrained scale) of inputs ``[G, B, D]``."""
+        hidden = torch.relu(self._layer(x, "1", sample))
+        if self.dropout_p > 0 and sample:
+            hidden = F.dropout(hidden, self.dropout_p, training=True)
+        return self._layer(hidden, "2", sample)
+
+    def kl(self, prior_std: float) -> Tensor:
+        """``[G]`` KL of each network's mean-field posterior from ``N(0, prior_std^2)``."""
+        scale = torch.tensor(prior_std)
+        total = 0.0
+        for name in ("w1", "b1", "w2", "b2"):
+            sigma = F.softplus(self.params[name + "_rho"])
+            total = total + normal_kl(self.params[name], sigma, torch.tensor(0.0), scale).flatten(
+                1
+            ).sum(1)
+        return total
+
+    def sample_outputs(self, x: Tensor, num_samples: int, chunk: int = 10) -> Tensor:
+        """``[G, S, N, 2]`` outputs of ``S`` Monte Carlo samples (dropout masks or weights).
+
+        The first layer's deterministic part runs once; samples are folded into the batch in
+        chunks so that memory stays bounded on the larger test sets.
+        """
+        with torch.no_grad():
+            if not self.bayesian and self.dropout_p == 0:
+                return self.forward(x, sample=False).unsqueeze(1)
+            g, n, _ = x.shape
+            p = self.params
+            mean1 = torch.baddbmm(p["b1"], x, p["w1"])
+            std1 = None
+            if self.bayesian:
+                var1 = torch.baddbmm(
+                    F.softplus(p["b1_rho"]) ** 2, x * x, F.softplus(p["w1_rho"]) ** 2
+                )
+                std1 = var1.clamp_min(1e-16).sqrt()
+            out = []
+            for start in range(0, num_samples, chunk):
+                s = min(chunk, num_samples - start)
+                pre = mean1.unsqueeze(1).expand(g, s, n, -1)
+                if std1 is not None:
+                    pre = pre + std1.unsqueeze(1) * torch.randn_like(pre)
+                hidden = torch.relu(pre).reshape(g, s * n, -1)
+                if self.dropout_p > 0:
+                    hidden = F.dropout(hidden, self.dropout_p, training=True)
+                out.append(self._layer(hidden, "2", sample=True).reshape(g, s, n, 2))
+            return torch.cat(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting all splits of a data set at once
+
+
+def split_metrics(mean: Tensor, std: Tensor, target: Tensor) -> dict[str, float]:
+    """Test metrics in the units given (pass original units): RMSE, LL, CRPS, coverage, area."""
+    mean, std, target = (t.to(torch.float64).reshape(-1) for t in (mean, std, target))
+    return {
+        "test_rmse": float((mean - target).square().mean().sqrt()),
+        "test_log_likelihood": -float(gaussian_nll(mean, std, target)),
+        "test_crps": float(gaussian_crps(mean, std, target)),
+        "test_coverage_95": float(interval_coverage(mean, std, target, 0.95)),
+        "test_miscalibration_area": float(miscalibration_area(mean, std, target)),
+    }
+
+
+def fit_dataset(
+    root: str | Path,
+    dataset: str,
+    method: str,
+    splits: Sequence[int],
+    config: dict[str, Any],
+    epochs: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``method`` on ``splits`` of ``dataset`` as one vectorized model; one row per split.
+
+    Args:
+        root: the UCI folder.
+        dataset: a name of :data:`~uq_box.datamodules.uci.UCI_DATASETS`.
+        method: one of :data:`METHODS`.
+        splits: split numbers.
+        config: hyperparameters from :func:`load_config`.
+        epochs: override the epochs (``n_epochs.txt`` times ``epoch_multiplier``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    opts = _dataset_options(config, dataset, method)
+    info = uci_info(root, dataset)
+    num_epochs = int(
+        epochs if epochs is not None else round(info["n_epochs"] * opts["epoch_multiplier"])
+    )
+    generator = torch.Generator().manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
+    torch.manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
+
+    data = [load_uci_split(root, dataset, int(k)) for k in splits]
+    sizes = {len(d.y_train) for d in data}
+    if len(sizes) != 1:
+        raise ValueError(f"{dataset}: splits {list(splits)} have different training sizes {sizes}")
+    x_train = torch.tensor(np.stack([d.x_train for d in data]), dtype=torch.float32)  # [K, N, D]
+    y_train = torch.tensor(np.stack([d.y_train for d in data]), dtype=torch.float32)[..., None]
+    num_splits, num_train, num_features = x_train.shape
+    members = int(opts["num_members"])
+    num_models = num_splits * members
+    split_of = torch.arange(num_splits).repeat_interleave(members)  # model g -> its split
+
+    model = StackedMLP.create(
+        num_models, num_features, info["n_hidden"], generator,
+        bayesian=method == "bnn_vi", dropout_p=float(opts.get("dropout_p", 0.0)),
+        rho_init=float(opts.get("posterior_rho_init", -5.0)),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(
+        list(model.params.values()), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]),
+        foreach=True,
+    )  # fmt: skip
+    batch_size = min(int(opts["batch_size"]), num_train)
+    min_std = float(opts["min_std"])
+    rows = split_of[:, None]
+
+    schedule = str(opts["lr_schedule"])
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {schedule!r}")
+    start = time.perf_counter()
+    for epoch in range(num_epochs):
+        if schedule == "cosine":  # per epoch, from lr down to lr / 100
+            scale = 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(num_epochs - 1, 1)))
+            for group in optimizer.param_groups:
+                group["lr"] = float(opts["lr"]) * scale
+        order = torch.argsort(torch.rand(num_models, num_train, generator=generator), dim=1)
+        for first in range(0, num_train, batch_size):
+            index = order[:, first : first + batch_size]
+            xb, yb = x_train[rows, index], y_train[rows, index]  # [G, B, D], [G, B, 1]
+            out = model.forward(xb)
+            nll = gaussian_nll_terms(out[..., :1], softplus_std(out[..., 1:], min_std), yb)
+            per_model = nll.mean((1, 2))  # [G]
+            if model.bayesian:
+                per_model = elbo_loss(per_model, model.kl(float(opts["prior_std"])), num_train)
+            loss = per_model.sum()  # models are independent: their gradients do not mix
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{dataset}/{method}: non-finite training loss; lower `lr` in the config"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    fit_seconds = time.perf_counter() - start
+
+    x_test = torch.tensor(np.stack([d.x_test for d in data]), dtype=torch.float32)
+    num_test = x_test.shape[1]
+    outputs = model.sample_outputs(x_test[split_of], int(opts["eval_samples"]))  # [G, S, T, 2]
+    # samples of one split: its members x Monte Carlo samples, then the mixture moments
+    outputs = (
+        outputs.reshape(num_splits, -1, num_test, 2)
+        .transpose(0, 1)
+        .reshape(-1, num_splits * num_test, 2)
+    )
+    predictive = regression_predictive(outputs.double(), NLL(min_std=min_std))
+    mean = predictive["pred"].reshape(num_splits, num_test)
+    std = predictive["pred_uct"].reshape(num_splits, num_test)
+    results = []
+    for k, d in zip(splits, data, strict=True):
+        i = list(splits).index(k)
+        y_test = torch.as_tensor(d.y_test * d.y_std + d.y_mean)
+        metrics = split_metrics(mean[i] * d.y_std + d.y_mean, std[i] * d.y_std, y_test)
+        results.append(
+            {"dataset": dataset, "method": method, "split": int(k), **metrics,
+             "fit_seconds": fit_seconds / num_splits, "epochs": num_epochs}
+        )  # fmt: skip
+    return results
+
+
+def _fit_task(args: tuple) -> list[dict[str, Any]]:
+    root, dataset, method, splits, config, epochs = args
+    torch.set_num_threads(int(config["threads"]))
+    return fit_dataset(root, dataset, method, splits, config, epochs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Published numbers, tables and plots
+
+
+def published_results() -> Any:
+    """The published UCI table (``uq_box/benchmarks/published_results.csv``) as a DataFrame."""
+    import pandas as pd
+
+    with resources.files("uq_box.benchmarks").joinpath("published_results.csv").open() as f:
+        return pd.read_csv(f, comment="#")
+
+
+def summarize(results: Any) -> Any:
+    """Mean and standard error over splits per (dataset, method) of every metric."""
+    metrics = [c for c in results.columns if c.startswith("test_") or c == "fit_seconds"]
+    grouped = results.groupby(["dataset", "method"], sort=False)[metrics]
+    mean = grouped.mean()
+    count = grouped.count()
+    se = grouped.std(ddof=1) / np.sqrt(count)
+    return mean, se.fillna(0.0), count
+
+
+def _fmt(mean: float, se: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_table(results: Any, metric: str = "test_log_likelihood") -> str:
+    """Markdown table of mean ± standard error per data set (rows) and method (columns).
+
+    The published PBP, MC dropout and deep ensembles numbers stand beside uq_box's; the best
+    entry per data set is bold (highest log-likelihood, lowest RMSE).
+    """
+    higher_better = metric == "test_log_likelihood"
+    mean, se, _ = summarize(results)
+    published = published_results()
+    published = published[published["metric"] == metric]
+    methods = [m for m in METHODS if m in set(results["method"])]
+    datasets = [d for d in UCI_DATASETS if d in set(results["dataset"])]
+    header = ["dataset", *PUBLISHED_SHORT, *(METHOD_LABELS[m] for m in methods)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset in datasets:
+        digits = 3 if dataset == "naval-propulsion-plant" and metric == "test_rmse" else 2
+        entries: list[tuple[float, str]] = []
+        for full in PUBLISHED_SHORT.values():
+            row = published[(published["dataset"] == dataset) & (published["method"] == full)]
+            if row.empty:
+                entries.append((math.nan, "–"))
+            else:
+                m, s = float(row["mean"].iloc[0]), float(row["standard_error"].iloc[0])
+                entries.append((m, _fmt(m, s, 2)))
+        for method in methods:
+            m, s = mean.loc[(dataset, method), metric], se.loc[(dataset, method), metric]
+            entries.append((float(m), _fmt(float(m), float(s), digits)))
+        values = np.array([v for v, _ in entries])
+        best = np.nanmax(values) if higher_better else np.nanmin(values)
+        cells = [f"**{text}**" if value == best else text for value, text in entries]
+        lines.append("| " + " | ".join([dataset, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def target_check(results: Any) -> tuple[str, list[str]]:
+    """Whether some uq_box method matches the deep ensembles paper's test LL within its SE.
+
+    "Matches within its standard error" means ``ours_mean >= paper_mean - paper_se``.
+    """
+    mean, se, _ = summarize(results)
+    published = published_results()
+    paper = published[
+        (published["metric"] == "test_log_likelihood")
+        & (published["method"] == DEEP_ENSEMBLES_PAPER)
+    ]
+    lines, missed = [], []
+    for dataset in [d for d in UCI_DATASETS if d in set(results["dataset"])]:
+        row = paper[paper["dataset"] == dataset]
+        target = float(row["mean"].iloc[0]) - float(row["standard_error"].iloc[0])
+        ours = mean.loc[dataset, "test_log_likelihood"]
+        best_method = ours.idxmax()
+        ok = bool(ours.max() >= target)
+        if not ok:
+            missed.append(dataset)
+        lines.append(
+            f"| {dataset} | {float(row['mean'].iloc[0]):.2f} ± {float(row['standard_error'].iloc[0]):.2f} "
+            f"| {METHOD_LABELS[best_method]}: {ours.max():.2f} ± {se.loc[(dataset, best_method), 'test_log_likelihood']:.2f} "
+            f"| {'yes' if ok else '**no**'} |"
+        )
+    head = "| dataset | deep ensembles paper LL | best uq_box LL | met |\n|---|---|---|---|"
+    return head + "\n" + "\n".join(lines), missed
+
+
+def plot_results(results: Any, path: str | Path) -> Path:
+    """Mean ± standard error of test RMSE and log-likelihood per data set and method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, se, _ = summarize(results)
+    published = published_results()
+    datasets = [d for d in UCI_DATASETS if d in set(results["dataset"])]
+    methods = [m for m in METHODS if m in set(results["method"])]
+    entries = [(label, full) for label, full in PUBLISHED_SHORT.items()] + [
+        (METHOD_LABELS[m], m) for m in methods
+    ]
+    fig, axes = plt.subplots(
+        2, len(datasets), figsize=(2.3 * len(datasets) + 1, 6.5), squeeze=False
+    )
+    for col, dataset in enumerate(datasets):
+        for row, metric in enumerate(("test_log_likelihood", "test_rmse")):
+            ax = axes[row, col]
+            for i, (label, key) in enumerate(entries):
+                if key in METHODS:
+                    m, s = mean.loc[(dataset, key), metric], se.loc[(dataset, key), metric]
+                    marker = "o"
+                else:
+                    pub = published[
+                        (published["dataset"] == dataset)
+                        & (published["method"] == key)
+                        & (published["metric"] == metric)
+                    ]
+                    if pub.empty:
+                        continue
+                    m, s = float(pub["mean"].iloc[0]), float(pub["standard_error"].iloc[0])
+                    marker = "s"
+                ax.errorbar(i, m, yerr=s, fmt=marker, color=f"C{i}", label=label, capsize=2)
+            ax.set_xticks([])
+            ax.set_title(dataset if row == 0 else "", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("test log-likelihood" if row == 0 else "test RMSE")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def _parse_list(value: str, valid: Sequence[str], argument: str) -> list[str]:
+    if value == "all":
+        return list(valid)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in valid]
+    if unknown or not items:
+        raise SystemExit(
+            f"error: `{argument}` got unknown {unknown or value!r}; valid: all, {', '.join(valid)}"
+        )
+    return items
+
+
+def _parse_splits(value: str) -> list[int] | None:
+    if value == "all":
+        return None
+    try:
+        out: list[int] = []
+        for part in value.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise SystemExit(
+            f"error: `--splits` must be 'all', '0,1,2' or '0-4', got {value!r}"
+        ) from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uq-box benchmark uci", description="Run the UCI regression benchmark protocol."
+    )
+    parser.add_argument(
+        "--methods", default="all", help=f"comma list of {', '.join(METHODS)} or all"
+    )
+    parser.add_argument("--datasets", default="all", help="comma list of data sets or all")
+    parser.add_argument(
+        "--splits", default="all", help="'all', '0,1' or '0-4' (limited per data set)"
+    )
+    parser.add_argument("--root", default=os.environ.get("UQ_BOX_UCI_ROOT", "../shared/data/uci"))
+    parser.add_argument("--config", default=None, help="YAML (default configs/uci/default.yaml)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the paper epochs")
+    parser.add_argument("--output", default="uci_benchmark", help="folder for CSV, Markdown, plot")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: config)")
+    parser.add_argument("--download", action="store_true", help="download missing data into --root")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_benchmark(
+    root: str | Path,
+    datasets: Sequence[str],
+    methods: Sequence[str],
+    splits: Sequence[int] | None,
+    config: dict[str, Any],
+    epochs: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> Any:
+    """Every (data set, method) over the chosen splits; a DataFrame of one row per split."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    tasks = []
+    for dataset in datasets:
+        n_splits = uci_info(root, dataset)["n_splits"]
+        chosen = list(range(n_splits)) if splits is None else [k for k in splits if k < n_splits]
+        bad = [k for k in (splits or []) if not 0 <= k]
+        if bad:
+            raise SystemExit(f"error: `--splits` must be non-negative, got {bad}")
+        if not chosen:
+            raise SystemExit(
+                f"error: `--splits` {splits} selects no split of {dataset} (it has {n_splits})"
+            )
+        for method in methods:
+            tasks.append((str(root), dataset, method, chosen, config, epochs))
+    # the largest first, so that two workers finish together
+    tasks.sort(key=lambda t: -_cost(t))
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=sum(len(t[3]) for t in tasks), unit="split", disable=not progress, file=sys.stderr
+    )
+    if workers <= 1:
+        torch.set_num_threads(int(config["threads"]))
+        for task in tasks:
+            bar.set_postfix_str(f"{task[1]} / {task[2]}")
+            rows.extend(_fit_task(task))
+            bar.update(len(task[3]))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_fit_task, task): task for task in tasks}
+            for future in as_completed(futures):
+                task = futures[future]
+                rows.extend(future.result())
+                bar.set_postfix_str(f"done {task[1]} / {task[2]}")
+                bar.update(len(task[3]))
+    bar.close()
+    frame = pd.DataFrame(rows)
+    order = {d: i for i, d in enumerate(UCI_DATASETS)}
+    frame["_d"] = frame["dataset"].map(order)
+    frame["_m"] = frame["method"].map({m: i for i, m in enumerate(METHODS)})
+    return (
+        frame.sort_values(["_d", "_m", "split"]).drop(columns=["_d", "_m"]).reset_index(drop=True)
+    )
+
+
+_SIZE = {
+    "protein-tertiary-structure": 41157 * 20 / 40,
+    "naval-propulsion-plant": 10741,
+    "power-plant": 8611,
+    "kin8nm": 7373,
+}
+
+
+def _cost(task: tuple) -> float:
+    _, dataset, method, chosen, config, _ = task
+    members = _dataset_options(config, dataset, method)["num_members"]
+    return _SIZE.get(dataset, 1000) * len(chosen) * (1 + 0.3 * members)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``uq-box benchmark uci [options]``; writes ``uci_results.csv``, ``uci.md``, ``uci.png``."""
+    import yaml
+
+    args = build_parser().parse_args(argv)
+    methods = _parse_list(args.methods, METHODS, "--methods")
+    datasets = _parse_list(args.datasets, UCI_DATASETS, "--datasets")
+    splits = _parse_splits(args.splits)
+    config = load_config(args.config)
+    workers = int(config["workers"] if args.workers is None else args.workers)
+    if args.download:
+        from uq_box.datamodules.uci import download_uci
+
+        for dataset in datasets:
+            download_uci(args.root, dataset)
+    command = "uq-box benchmark uci " + " ".join(sys.argv[3:] if argv is None else argv)
+    print(f"config ({args.config or DEFAULT_CONFIG}):\n" + yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    results = run_benchmark(
+        args.root, datasets, methods, splits, config, args.epochs, workers, not args.no_progress
+    )
+    wall = time.perf_counter() - start
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / "uci_results.csv", index=False)
+    plot = plot_results(results, out / "uci.png")
+    ll_table = markdown_table(results, "test_log_likelihood")
+    rmse_table = markdown_table(results, "test_rmse")
+    check, missed = target_check(results)
+    report = "\n\n".join(
+        [
+            "# UCI regression benchmark",
+            f"Command: `{command}`",
+            f"Wall time: {wall:.1f} s ({workers} worker(s), {config['threads']} torch thread(s) each)",
+            "## Test log-likelihood (higher is better)\n\n" + ll_table,
+            "## Test RMSE (lower is better)\n\n" + rmse_table,
+            "## Target: some uq_box method >= deep ensembles paper LL - its SE\n\n" + check,
+            "## Config\n\n```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```",
+            f"![UCI results]({plot.name})",
+        ]
+    )
+    (out / "uci.md").write_text(report + "\n")
+    print(ll_table + "\n\n" + rmse_table + "\n\n" + check)
+    print(f"\nwall time {wall:.1f} s; results in {out}/uci_results.csv, uci.md, uci.png")
+    if missed:
+        print(f"target not met on: {', '.join(missed)}")
+    return 0
