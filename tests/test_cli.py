@@ -1,4 +1,6 @@
 import json
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,8 +18,8 @@ CONFIG = "configs/toy_heteroscedastic/bnn_vi.yaml"
 
 
 def test_cli_fit_writes_log_metrics_and_report(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path.parent)
-    repo_config = __import__("pathlib").Path(__file__).parents[1] / CONFIG
+    monkeypatch.setattr(sys, "argv", ["uq-box"])
+    repo_config = Path(__file__).parents[1] / CONFIG
     main(
         [
             "fit",
@@ -49,7 +51,8 @@ def test_cli_fit_writes_log_metrics_and_report(tmp_path, capsys, monkeypatch):
     assert plt.get_fignums() == []  # the report closes its figures
 
 
-def test_cli_rejects_unknown_config_key(tmp_path):
+def test_cli_rejects_unknown_config_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["uq-box"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "model:\n  class_path: uq_box.methods.BNNVIRegression\n  init_args:\n    num_mc_samples: 3\n"
