@@ -13,6 +13,7 @@ from uq_box.methods.deterministic import (
     DeterministicRegression,
     MVERegression,
 )
+from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegression
 from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
@@ -30,6 +31,9 @@ __all__ = [
     "Deterministic",
     "DeterministicClassification",
     "DeterministicRegression",
+    "Laplace",
+    "LaplaceClassification",
+    "LaplaceRegression",
     "MCDropout",
     "MCDropoutClassification",
     "MCDropoutRegression",

@@ -1,0 +1,345 @@
+"""Stochastic-gradient MCMC: SGLD (Welling & Teh 2011), preconditioned SGLD (Li et al. 2016) and
+scale-adapted SGHMC (Springenberg et al. 2016), for regression and classification.
+
+The sampler is the ``optimizer`` (one name for one idea): a callable taking the parameters that
+builds a :class:`uq_box.optim.SGMCMCOptimizer`, e.g. ``partial(SGLD, lr=1e-4)``,
+``partial(SGLD, lr=1e-2, preconditioned=True)`` or ``partial(SGHMC, lr=1e-2)``. A plain optimizer
+(Adam, SGD) is refused: it would find a mode, not sample the posterior.
+
+**The loss the sampler sees.** The samplers draw ``theta ~ exp(-U(theta))`` with ``U`` the loss
+whose gradient is in ``p.grad`` (see :mod:`uq_box.optim.sgmcmc`). :meth:`SGMCMC.training_step`
+returns exactly
+
+``U(theta) = N * criterion(f_theta(x_B), y_B) - log p(theta)``,
+
+the negative log posterior summed over the ``N`` training points, estimated from the minibatch
+``B`` (the criterion is the *mean* per-point negative log-likelihood, e.g.
+:class:`uq_box.losses.NLL` or ``nn.CrossEntropyLoss``; ``-log p(theta)`` is the log density of
+``prior`` summed over every sampled parameter, constants included). ``N`` is
+``num_training_points``, read from the training loader when not given (the training set size
+across all processes). What is logged as ``loss`` is ``U / N``, per data point, as for the ELBO.
+A mean-only criterion such as :class:`uq_box.losses.MSE` is read as a negative log-likelihood too:
+``exp(-(y - f)^2)`` is a Gaussian likelihood of noise variance 1/2; for a known noise level use
+``NLL(std=...)`` with a 1-output network, or a 2-output network with ``NLL()``.
+
+**Samples.** From epoch ``burnin_epochs`` on, the sampled parameters are copied after every
+``thinning``-th training step (training batch) into the buffer ``sgmcmc_samples``
+``[max_num_samples, P]``, a ring that keeps the last ``max_num_samples``; ``sgmcmc_num_collected``
+counts them all and ``sgmcmc_num_steps`` the training steps since burn-in (so thinning keeps its
+phase across a checkpoint resume). They are registered buffers: they follow the module's device
+and go into checkpoints; nothing is read from disk to predict.
+
+**Prediction** runs the stored samples as one vectorized call (``torch.func.vmap`` over
+``torch.func.functional_call``) through :meth:`SGMCMC.sample_outputs`, as SWAG does: the sampled
+parameters are stacked ``[S, ...]``, every other parameter and buffer is shared, and layers before
+the first sampled one run once. Predicting changes no parameter.
+
+Choices:
+
+- ``stochastic_module_names`` (resolved by :func:`uq_box.methods.swag.swag_parameter_names`; any
+  layer type) picks the sampled parameters; ``None`` samples all. Only they are given to the
+  sampler and carry the prior: every other parameter *stays at its value* (its initial or
+  pretrained value), which makes the sampled layers a Bayesian model on fixed features. Use a
+  pretrained backbone (or ``None``) when the other layers should be fitted.
+- The regression task's MSE burn-in loss does not apply (``in_burnin`` is always False): burn-in
+  epochs run the same sampler on the same ``U``, only no sample is kept. An adaptive sampler (SGHMC,
+  pSGLD with ``num_burn_in_steps``) should finish adapting within the burn-in epochs; a warning
+  says when samples are collected while it still adapts.
+- Buffers such as BatchNorm running statistics keep their current values in every sample.
+- Before the first sample, validation metrics use the network as it is; prediction and testing
+  fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.func import functional_call, vmap
+
+from uq_box.methods.base import (
+    ClassificationTask,
+    LRSchedulerCallable,
+    OptimizerCallable,
+    RegressionTask,
+    UQMethod,
+    eval_mode,
+)
+from uq_box.methods.bnn_vi import dataset_size
+from uq_box.methods.deterministic import non_negative_int
+from uq_box.methods.swag import swag_parameter_names
+from uq_box.nn.convert import StochasticModuleNames
+from uq_box.nn.priors import Prior
+from uq_box.optim.sgmcmc import SGHMC, SGMCMCOptimizer
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class SGMCMC(UQMethod):
+    """Posterior sampling by stochastic-gradient MCMC, for any task mixin.
+
+    Args:
+        model: the backbone.
+        criterion: the mean per-point negative log-likelihood (task default when ``None``).
+        optimizer: the sampler, a callable taking the parameters and returning a
+            :class:`uq_box.optim.SGMCMCOptimizer` (default ``partial(SGHMC, lr=1e-2)``).
+        lr_scheduler: callable taking the sampler (e.g. to anneal the SGLD step size).
+        stochastic_module_names: which parameters are sampled: ``None`` = all; ints index the
+            parameter-owning layers (``[-1]`` = last layer); strings are dotted module names.
+            The others stay at their values (see the module docstring).
+        prior: prior of every sampled parameter, elementwise (default ``Normal(0, 1)``; a number
+            ``s`` means ``Normal(0, s)``).
+        burnin_epochs: epochs of sampling before the first sample is kept.
+        thinning: keep the parameters after every ``thinning``-th training step after burn-in.
+        max_num_samples: how many samples are kept (the last ones).
+        num_mc_samples_test: samples per prediction, evenly spaced over the kept ones (oldest to
+            newest); ``None`` uses all kept samples.
+        num_training_points: ``N`` of ``U``; read from the training loader when ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        stochastic_module_names: StochasticModuleNames = None,
+        prior: Distribution | float | None = None,
+        burnin_epochs: int = 0,
+        thinning: int = 1,
+        max_num_samples: int = 50,
+        num_mc_samples_test: int | None = None,
+        num_training_points: int | None = None,
+    ) -> None:
+        super().__init__(model, criterion, optimizer, lr_scheduler)
+        self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
+        self.thinning = _positive_int(thinning, "thinning")
+        self.max_num_samples = _positive_int(max_num_samples, "max_num_samples")
+        if num_mc_samples_test is not None:
+            _positive_int(num_mc_samples_test, "num_mc_samples_test")
+        self.num_mc_samples_test = num_mc_samples_test
+        if num_training_points is not None:
+            _positive_int(num_training_points, "num_training_points")
+        self._num_training_points_given = num_training_points
+        self._num_training_points = num_training_points
+        self.prior = Prior(prior)
+
+        if next(self.model.parameters(), None) is None:
+            raise ValueError("`model` has no parameters; SG-MCMC has nothing to sample")
+        self.parameter_names = swag_parameter_names(self.model, stochastic_module_names)
+        params = dict(self.model.named_parameters())
+        self._shapes = [tuple(params[name].shape) for name in self.parameter_names]
+        self._numels = [params[name].numel() for name in self.parameter_names]
+        first = params[self.parameter_names[0]]
+        like = {"dtype": first.dtype, "device": first.device}
+        self.register_buffer(
+            "sgmcmc_samples", torch.zeros(self.max_num_samples, sum(self._numels), **like)
+        )
+        long = {"dtype": torch.long, "device": first.device}
+        self.register_buffer("sgmcmc_num_collected", torch.zeros((), **long))
+        self.register_buffer("sgmcmc_num_steps", torch.zeros((), **long))
+        self._warned_adapting = False
+        self.save_hyperparameters(
+            ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
+        )
+
+    # -- the training set size -----------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
+        self._num_training_points = self._num_training_points_given
+        self._warned_adapting = False
+
+    @property
+    def num_training_points(self) -> int:
+        """``N``: the training set size across all processes."""
+        if self._num_training_points is None:
+            size = None
+            trainer = self._trainer
+            if trainer is not None:
+                size = dataset_size(trainer.train_dataloader)
+                if size is None and trainer.datamodule is not None:
+                    size = dataset_size(trainer.datamodule.train_dataloader())
+            if size is None:
+                raise ValueError(
+                    "cannot tell the training set size from the training loader; pass "
+                    "`num_training_points` (the number of training points, all processes together)"
+                )
+            self._num_training_points = size
+        return self._num_training_points
+
+    # -- the sampled parameters ------------------------------------------------------------------
+    def flat_parameters(self) -> Tensor:
+        """The sampled parameters' current values as one flat vector ``[P]`` (detached)."""
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[name].detach().reshape(-1) for name in self.parameter_names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split ``[..., P]`` into the sampled parameters, each ``[..., *shape]``."""
+        lead = flat.shape[:-1]
+        pieces = flat.split(self._numels, dim=-1)
+        return {
+            name: piece.reshape(*lead, *shape)
+            for name, piece, shape in zip(self.parameter_names, pieces, self._shapes, strict=True)
+        }
+
+    def neg_log_prior(self) -> Tensor:
+        """``-log p(theta)`` of the sampled parameters (summed, constants included)."""
+        prior = self.prior.distribution()
+        params = dict(self.model.named_parameters())
+        return -sum(prior.log_prob(params[name]).sum() for name in self.parameter_names)
+
+    # -- the samples -------------------------------------------------------------------------------
+    @property
+    def num_collected(self) -> int:
+        """Samples collected so far (including those the ring has dropped)."""
+        return int(self.sgmcmc_num_collected.item())
+
+    @property
+    def num_samples(self) -> int:
+        """Samples kept: ``min(num_collected, max_num_samples)``."""
+        return min(self.num_collected, self.max_num_samples)
+
+    @property
+    def samples(self) -> Tensor:
+        """The kept samples ``[num_samples, P]``, oldest first."""
+        count, start = self.num_samples, self.num_collected % self.max_num_samples
+        if self.num_collected <= self.max_num_samples:
+            return self.sgmcmc_samples[:count]
+        return torch.cat([self.sgmcmc_samples[start:], self.sgmcmc_samples[:start]])
+
+    @torch.no_grad()
+    def collect_sample(self) -> None:
+        """Keep the current sampled parameters (the oldest kept one drops out when full)."""
+        slot = self.num_collected % self.max_num_samples
+        self.sgmcmc_samples[slot].copy_(self.flat_parameters())
+        self.sgmcmc_num_collected.add_(1)
+
+    def _check_samples(self) -> None:
+        if self.num_samples == 0:
+            raise RuntimeError(
+                f"SG-MCMC has no sample yet: samples are kept every `thinning`={self.thinning} "
+                f"training steps from epoch `burnin_epochs`={self.burnin_epochs} on, so train for "
+                f"more than `burnin_epochs` epochs (trainer `max_epochs`) before predicting"
+            )
+
+    def sample_parameters(self, num_samples: int | None = None) -> Tensor:
+        """Kept samples ``[S, P]``: all of them (in storage order) when ``num_samples`` is
+        ``None`` or at least ``num_samples``, else ``S = num_samples`` evenly spaced from the
+        oldest to the newest.
+        """
+        self._check_samples()
+        count = self.num_samples
+        if num_samples is None or num_samples >= count:
+            return self.sgmcmc_samples[:count]
+        _positive_int(num_samples, "num_samples")
+        index = torch.linspace(0, count - 1, num_samples, device=self.sgmcmc_samples.device)
+        return self.samples[index.round().long()]
+
+    # -- method hooks --------------------------------------------------------------------------
+    @property
+    def in_burnin(self) -> bool:
+        """Always False: burn-in runs the sampler on ``U`` too (see the module docstring)."""
+        return False
+
+    def sample_outputs(self, x: Tensor, num_samples: int | None) -> Tensor:
+        """Outputs of the kept samples in one vectorized call: ``[S, N, ...]``."""
+        stacked = self.unflatten(self.sample_parameters(num_samples))
+        model = self.model
+
+        def call(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, params, (x,))
+
+        return vmap(call, randomness="different")(stacked)
+
+    def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``U / N`` of the network as it is: mean NLL + ``-log p(theta) / N``."""
+        outputs = self.model(x).unsqueeze(0)
+        nll = self.data_loss(outputs, target)
+        neg_log_prior = self.neg_log_prior()
+        loss = nll + neg_log_prior / self.num_training_points
+        return {"loss": loss, "nll": nll, "neg_log_prior": neg_log_prior}, outputs
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """The sampler over the sampled parameters (and the scheduler, if given)."""
+        params = dict(self.model.named_parameters())
+        sampled = [params[name] for name in self.parameter_names]
+        make = self.optimizer or partial(SGHMC, lr=1e-2)
+        optimizer = make(sampled)
+        if not isinstance(optimizer, SGMCMCOptimizer):
+            raise TypeError(
+                f"`optimizer` must build an SG-MCMC sampler (uq_box.optim.SGLD or SGHMC, or a "
+                f"subclass of uq_box.optim.SGMCMCOptimizer), got {type(optimizer).__name__}: a "
+                f"plain optimizer finds a mode instead of sampling the posterior"
+            )
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val_loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Log ``U / N`` and return ``U`` (summed over the data), the sampler's target."""
+        return super().training_step(batch, batch_idx) * self.num_training_points
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After burn-in, keep the parameters after every ``thinning``-th step."""
+        if self.current_epoch < self.burnin_epochs:
+            return
+        self.sgmcmc_num_steps.add_(1)
+        if int(self.sgmcmc_num_steps.item()) % self.thinning:
+            return
+        if not self._warned_adapting and any(
+            getattr(opt, "adapting", False) for opt in self.trainer.optimizers
+        ):
+            self._warned_adapting = True
+            warnings.warn(
+                f"samples are collected while the sampler still adapts its scales "
+                f"(`num_burn_in_steps` of the sampler is more than the steps of "
+                f"`burnin_epochs`={self.burnin_epochs}); such samples are biased: raise "
+                f"`burnin_epochs` or lower the sampler's `num_burn_in_steps`",
+                stacklevel=2,
+            )
+        self.collect_sample()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Objective and metrics; before the first sample the metrics use the plain network."""
+        if self.num_samples > 0:
+            return super().validation_step(batch, batch_idx)
+        x, target = self._inputs_and_targets(batch, "val")
+        terms, outputs = self.loss(x, target)
+        self._accumulate("val", {**terms, **self.running_terms(outputs, target)}, len(x))
+        with torch.no_grad(), eval_mode(self.model):
+            preds = self.predictive(self.model(x).unsqueeze(0))
+        self.update_metrics(self.val_metrics, preds, target)
+        return None
+
+
+class SGMCMCRegression(RegressionTask, SGMCMC):
+    """SG-MCMC for regression (default criterion: heteroscedastic Gaussian NLL, 2 outputs).
+
+    Prediction is the Gaussian mixture over the kept samples: ``pred_uct^2 = aleatoric^2 +
+    epistemic^2`` (see :func:`uq_box.methods.predictive.regression_predictive`).
+    """
+
+
+class SGMCMCClassification(ClassificationTask, SGMCMC):
+    """SG-MCMC for classification (default criterion: cross-entropy on the logits).
+
+    The predictive is the mean of the sampled softmax probabilities; its entropy splits into the
+    expected entropy (aleatoric) and the mutual information (epistemic).
+    """
+
+
+__all__ = ["SGMCMC", "SGMCMCClassification", "SGMCMCRegression"]
