@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,7 +67,7 @@ from uq_box.methods.base import (
     eval_mode,
 )
 from uq_box.methods.deterministic import non_negative_int
-from uq_box.nn.convert import StochasticModuleNames, parameter_layers
+from uq_box.nn.convert import StochasticModuleNames, resolve_module_names
 
 VARIANCE_FLOOR = 1e-30
 """Lower clamp of the diagonal variance ``second moment - mean^2`` (as in the authors' code)."""
@@ -101,54 +100,8 @@ def swag_parameter_names(
         raise ValueError("`model` has no parameters; SWAG has nothing to average")
     if stochastic_module_names is None:
         return all_names
-    if isinstance(stochastic_module_names, int | str) or not isinstance(
-        stochastic_module_names, Sequence
-    ):
-        raise TypeError(
-            f"`stochastic_module_names` must be a list of ints or a list of strings (or None), "
-            f"got {stochastic_module_names!r}"
-        )
-    entries = list(stochastic_module_names)
-    if not entries:
-        raise ValueError(
-            "`stochastic_module_names` is empty; name at least one layer, or pass None"
-        )
-    entries = [
-        int(e) if isinstance(e, numbers.Integral) and not isinstance(e, bool) else e
-        for e in entries
-    ]
-    kinds = {bool if isinstance(e, bool) else type(e) for e in entries}
-    if not kinds <= {int} and not kinds <= {str}:
-        raise TypeError(
-            f"`stochastic_module_names` must be all ints (layer indices) or all strings (module "
-            f"names), got {entries!r}"
-        )
-    layers = parameter_layers(model)
     modules = dict(model.named_modules())
-    if kinds == {int}:
-        n = len(layers)
-        bad = [i for i in entries if not -n <= i < n]
-        if bad:
-            raise ValueError(
-                f"`stochastic_module_names` index {bad[0]} is out of range: the model has {n} "
-                f"parameter-owning layers (valid indices {-n}..{n - 1}): "
-                f"{[name for name, _ in layers]}"
-            )
-        chosen = [layers[i][1] for i in entries]
-    else:
-        unknown = [name for name in entries if name not in modules]
-        if unknown:
-            raise ValueError(
-                f"`stochastic_module_names` names no layer {unknown[0]!r}; parameter-owning "
-                f"layers are {[name for name, _ in layers]}"
-            )
-        chosen = [modules[name] for name in entries]
-        empty = [name for name in entries if next(modules[name].parameters(), None) is None]
-        if empty:
-            raise ValueError(
-                f"`stochastic_module_names`: layer {empty[0]!r} has no parameters; "
-                f"parameter-owning layers are {[name for name, _ in layers]}"
-            )
+    chosen = [modules[name] for name in resolve_module_names(model, stochastic_module_names)]
     wanted = {id(p) for module in chosen for p in module.parameters()}
     return [name for name, p in model.named_parameters() if id(p) in wanted]
 

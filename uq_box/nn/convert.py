@@ -50,28 +50,15 @@ def _supported_names() -> str:
     return ", ".join(f"nn.{t.__name__}" for t in CONVERSIONS)
 
 
-def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNames) -> list[str]:
-    """Dotted names of the layers ``stochastic_module_names`` picks; a clear error otherwise."""
-    layers = parameter_layers(model)
-    if stochastic_module_names is None:
-        chosen = [name for name, module in layers if type(module) in CONVERSIONS]
-        skipped = [
-            f"{name} ({type(m).__name__})"
-            for name, m in layers
-            if type(m) not in CONVERSIONS and not isinstance(m, _BayesianLayer)
-        ]
-        if not chosen:
-            raise ValueError(
-                f"`stochastic_module_names=None` asks for every supported layer, but the model has "
-                f"none; supported: {_supported_names()}"
-            )
-        if skipped:
-            warnings.warn(
-                f"`stochastic_module_names=None`: these layers stay deterministic (unsupported "
-                f"type): {', '.join(skipped)}",
-                stacklevel=3,
-            )
-        return chosen
+def resolve_module_names(
+    model: nn.Module, stochastic_module_names: Sequence[int] | Sequence[str]
+) -> list[str]:
+    """Dotted names of the modules a (non-``None``) ``stochastic_module_names`` list picks.
+
+    Ints index :func:`parameter_layers` (``-1`` is the last), strings must name modules that own
+    parameters. Shared by every method that takes ``stochastic_module_names``; each then checks
+    what it can do with the modules (e.g. which types it converts).
+    """
     if isinstance(stochastic_module_names, int | str) or not isinstance(
         stochastic_module_names, Sequence
     ):
@@ -94,25 +81,56 @@ def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNa
             f"`stochastic_module_names` must be all ints (layer indices) or all strings (module "
             f"names), got {entries!r}"
         )
+    layers = parameter_layers(model)
+    layer_names = [name for name, _ in layers]
     if kinds == {int}:
         n = len(layers)
         bad = [i for i in entries if not -n <= i < n]
         if bad:
             raise ValueError(
                 f"`stochastic_module_names` index {bad[0]} is out of range: the model has {n} "
-                f"parameter-owning layers (valid indices {-n}..{n - 1}): "
-                f"{[name for name, _ in layers]}"
+                f"parameter-owning layers (valid indices {-n}..{n - 1}): {layer_names}"
             )
-        names = [layers[i][0] for i in entries]
-    else:
-        modules = dict(model.named_modules())
-        unknown = [name for name in entries if name not in modules]
-        if unknown:
+        return list(dict.fromkeys(layer_names[i] for i in entries))
+    modules = dict(model.named_modules())
+    unknown = [name for name in entries if name not in modules]
+    if unknown:
+        raise ValueError(
+            f"`stochastic_module_names` names no layer {unknown[0]!r}; parameter-owning layers "
+            f"are {layer_names}"
+        )
+    empty = [name for name in entries if next(modules[name].parameters(), None) is None]
+    if empty:
+        raise ValueError(
+            f"`stochastic_module_names`: layer {empty[0]!r} ({type(modules[empty[0]]).__name__}) "
+            f"has no parameters; parameter-owning layers are {layer_names}"
+        )
+    return list(dict.fromkeys(entries))
+
+
+def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNames) -> list[str]:
+    """Dotted names of the layers ``stochastic_module_names`` picks; a clear error otherwise."""
+    layers = parameter_layers(model)
+    if stochastic_module_names is None:
+        chosen = [name for name, module in layers if type(module) in CONVERSIONS]
+        skipped = [
+            f"{name} ({type(m).__name__})"
+            for name, m in layers
+            if type(m) not in CONVERSIONS and not isinstance(m, _BayesianLayer)
+        ]
+        if not chosen:
             raise ValueError(
-                f"`stochastic_module_names` names no layer {unknown[0]!r}; parameter-owning "
-                f"layers are {[name for name, _ in layers]}"
+                f"`stochastic_module_names=None` asks for every supported layer, but the model has "
+                f"none; supported: {_supported_names()}"
             )
-        names = entries
+        if skipped:
+            warnings.warn(
+                f"`stochastic_module_names=None`: these layers stay deterministic (unsupported "
+                f"type): {', '.join(skipped)}",
+                stacklevel=3,
+            )
+        return chosen
+    names = resolve_module_names(model, stochastic_module_names)
     modules = dict(model.named_modules())
     for name in names:
         module = modules[name]
