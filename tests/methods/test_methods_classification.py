@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from lightning import Trainer, seed_everything
+from helpers import quiet_trainer
+from lightning import seed_everything
 
 from uq_box.cli import UQBoxCLI, main
 from uq_box.datamodules import ArrayDataModule, DigitsDatamodule, SpiralDatamodule
@@ -24,24 +25,6 @@ from uq_box.models import CNN, MLP
 
 REPO = Path(__file__).parents[2]
 CONTRACT_KEYS = {"pred", "pred_uct", "aleatoric_uct", "epistemic_uct", "logits"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def quiet_trainer(**extra):
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **extra,
-    )
 
 
 def fit_quietly(model, datamodule, max_epochs):
@@ -86,7 +69,7 @@ CONFIGS = {  # config name -> (method class, samples per prediction)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def cli_run(request, tmp_path_factory, _one_thread):
+def cli_run(request, tmp_path_factory):
     """``uq-box fit`` on one two-moons config for 2 epochs; the run folder and fitted model."""
     name = request.param
     tmp = tmp_path_factory.mktemp(f"cli_{name}")
@@ -152,7 +135,7 @@ def spiral_mlp():
 
 
 @pytest.fixture(scope="module")
-def spiral(_one_thread):
+def spiral():
     """Three methods fitted on the default spiral, with their predictions on test, train, far."""
     dm = SpiralDatamodule()
     grid = dm.grid(resolution=60, margin=2.0)
@@ -239,7 +222,7 @@ ANGLES = list(range(0, 91, 15))
 
 
 @pytest.fixture(scope="module")
-def digits_mc_dropout(_one_thread):
+def digits_mc_dropout():
     seed_everything(0, verbose=False)
     dm = DigitsDatamodule()
     model = MCDropoutClassification(

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning import Trainer, seed_everything
+from helpers import quiet_trainer
+from lightning import seed_everything
 from torch import nn
 
 import uq_box.cli as cli
@@ -52,16 +53,6 @@ CLI_METHODS = {
     "bnn_vi": (BNNVIRegression, 25),
 }
 EPOCHS = 150
-
-
-def quiet_trainer(**extra):
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **extra,
-    )
 
 
 def check_contract(preds, n, num_samples):

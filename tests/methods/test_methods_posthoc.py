@@ -17,7 +17,8 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from lightning import Trainer, seed_everything
+from helpers import quiet_trainer
+from lightning import seed_everything
 from torch import nn
 
 from uq_box.datamodules import ArrayDataModule, ToyHeteroscedasticDatamodule
@@ -39,16 +40,6 @@ from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.methods.quantile import QuantileRegression
 from uq_box.metrics.functional_classification import expected_calibration_error
 from uq_box.models import MLP
-
-
-def quiet_trainer(**extra):
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **extra,
-    )
 
 
 # -- 1. the calibration split ----------------------------------------------------------------------

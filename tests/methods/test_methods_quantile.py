@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning import Trainer, seed_everything
+from helpers import quiet_trainer
+from lightning import seed_everything
 from torch import nn
 
 import uq_box.cli as cli
@@ -28,16 +29,6 @@ from uq_box.models import MLP
 
 CONFIG = Path(__file__).parents[2] / "configs" / "toy_heteroscedastic" / "quantile.yaml"
 GAUSSIAN_METRICS = {"nll", "rmse", "crps", "coverage_95", "miscalibration_area"}
-
-
-def quiet_trainer(**extra):
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **extra,
-    )
 
 
 class FixedOutputs(nn.Module):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import Callback, Trainer, seed_everything
+from helpers import quiet_trainer
+from lightning import Callback, seed_everything
 from torch import nn
 
 import uq_box.cli as cli
@@ -32,24 +33,6 @@ from uq_box.models import MLP
 
 REPO = Path(__file__).parents[2]
 BUFFERS = ("swag_mean", "swag_sq_mean", "swag_deviations", "swag_num_snapshots")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def quiet_trainer(**extra):
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **extra,
-    )
 
 
 def all_flat(module):
@@ -82,7 +65,7 @@ class RecordParameters(Callback):
 
 
 @pytest.fixture(scope="module")
-def fitted_small(_one_thread):
+def fitted_small():
     """A small SWAG fit: 9 epochs, snapshots from epoch 2 (7 snapshots), K = 4."""
     seed_everything(0)
     dm = ToyHeteroscedasticDatamodule(batch_size=32, n_points=100)
