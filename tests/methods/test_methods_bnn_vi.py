@@ -40,7 +40,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def seed_run(tmp_path_factory, _one_thread):
+def seed_run(tmp_path_factory):
     """The seed program, unchanged but for quiet Trainer flags; returns what it computed."""
     seed_everything(0)
     tmp = str(tmp_path_factory.mktemp("seed_logs"))

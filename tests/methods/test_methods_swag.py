@@ -23,12 +23,8 @@ from torch import nn
 import uq_box.cli as cli
 from uq_box.datamodules import ToyHeteroscedasticDatamodule
 from uq_box.losses import NLL
-from uq_box.methods.swag import (
-    SWAG,
-    SWAGClassification,
-    SWAGRegression,
-    swag_parameter_names,
-)
+from uq_box.methods.sampled import sampled_parameter_names
+from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 from uq_box.models import MLP
 
 REPO = Path(__file__).parents[2]
@@ -200,12 +196,12 @@ def test_only_the_chosen_layer_varies(names):
 
 def test_parameter_names_of_any_layer_type():
     net = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 1))
-    assert swag_parameter_names(net, [1]) == ["1.weight", "1.bias"]
-    assert swag_parameter_names(net, ["0", "2"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert len(swag_parameter_names(net, None)) == 6
+    assert sampled_parameter_names(net, [1]) == ["1.weight", "1.bias"]
+    assert sampled_parameter_names(net, ["0", "2"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert len(sampled_parameter_names(net, None)) == 6
     # a container name takes every parameter below it
     outer = nn.Sequential(net, nn.Linear(1, 1))
-    assert swag_parameter_names(outer, ["0"]) == [f"0.{n}" for n, _ in net.named_parameters()]
+    assert sampled_parameter_names(outer, ["0"]) == [f"0.{n}" for n, _ in net.named_parameters()]
 
 
 # -- 4. state dict, checkpoints, no side effects -----------------------------------------------

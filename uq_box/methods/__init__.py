@@ -17,6 +17,7 @@ from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegres
 from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
+from uq_box.methods.sgmcmc import SGMCMC, SGMCMCClassification, SGMCMCRegression
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "PostHocCalibration",
     "QuantileRegression",
     "RegressionTask",
+    "SGMCMC",
+    "SGMCMCClassification",
+    "SGMCMCRegression",
     "SWAG",
     "SWAGClassification",
     "SWAGRegression",

@@ -10,6 +10,7 @@ thin subclasses that share one constructor.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchmetrics import MeanMetric, MeanSquaredError, Metric
 
 from uq_box.losses import NLL
@@ -32,6 +34,44 @@ from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, 
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
 LRSchedulerCallable = Callable[[Optimizer], Any]
+
+
+def positive_int(value: int, name: str) -> int:
+    """Check that argument ``name`` is an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value: int, name: str) -> int:
+    """Check that argument ``name`` is an integer ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def dataset_size(loader: object) -> int | None:
+    """Number of training points a loader draws per epoch, all processes together, if it says.
+
+    A ``DataLoader`` draws what its sampler yields (a ``SubsetRandomSampler`` covers part of the
+    data set); under DDP the ``DistributedSampler`` wraps the data set (or the user's sampler) and
+    ``len(sampler.dataset)`` is the global size.
+    """
+    if hasattr(loader, "num_samples"):
+        return int(loader.num_samples)
+    if not isinstance(loader, DataLoader):
+        return None
+    sampler = loader.sampler
+    if isinstance(loader.dataset, IterableDataset):
+        sized = loader.dataset
+    elif isinstance(sampler, DistributedSampler):
+        sized = sampler.dataset
+    else:
+        sized = sampler
+    try:
+        return len(sized)
+    except TypeError:
+        return None
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
@@ -75,6 +115,8 @@ class UQMethod(LightningModule):
     num_mc_samples_test: int = 1
     #: Epochs trained on the task's burn-in loss before the criterion takes over.
     burnin_epochs: int = 0
+    #: ``N`` given at construction by methods whose objective needs it (``None``: read it).
+    _num_training_points_given: int | None = None
 
     def __init__(
         self,
@@ -168,7 +210,33 @@ class UQMethod(LightningModule):
             return {"loss": self.burnin_loss(outputs, target), "nll": nll}, outputs
         return {"loss": nll, "nll": nll}, outputs
 
+    @property
+    def num_training_points(self) -> int:
+        """``N``: the training set size across all processes (for ELBO and posterior scaling).
+
+        The ``num_training_points`` given at construction, else read from the training loader
+        (or the data module's) once per fit.
+        """
+        if getattr(self, "_num_training_points", None) is None:
+            size = self._num_training_points_given
+            trainer = self._trainer
+            if size is None and trainer is not None:
+                size = dataset_size(trainer.train_dataloader)
+                if size is None and trainer.datamodule is not None:
+                    size = dataset_size(trainer.datamodule.train_dataloader())
+            if size is None:
+                raise ValueError(
+                    "cannot tell the training set size from the training loader; pass "
+                    "`num_training_points` (the number of training points, all processes together)"
+                )
+            self._num_training_points = size
+        return self._num_training_points
+
     # -- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
+        self._num_training_points = None
+
     def forward(self, x: Tensor) -> Tensor:
         """The backbone's output (one sample for a stochastic network)."""
         return self.model(x)
@@ -429,4 +497,13 @@ class ClassificationTask:
                 metric.update(preds["pred"], target)
 
 
-__all__ = ["ClassificationTask", "RegressionTask", "UQMethod", "eval_mode", "unpack_batch"]
+__all__ = [
+    "ClassificationTask",
+    "RegressionTask",
+    "UQMethod",
+    "dataset_size",
+    "eval_mode",
+    "non_negative_int",
+    "positive_int",
+    "unpack_batch",
+]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from uq_box.losses import elbo_loss
 from uq_box.methods.base import (
@@ -19,39 +18,10 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
+    positive_int,
 )
 from uq_box.nn import kl_divergence, sample_forward, to_bayesian
 from uq_box.nn.convert import StochasticModuleNames
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
-
-
-def dataset_size(loader: object) -> int | None:
-    """Number of training points a loader draws per epoch, all processes together, if it says.
-
-    A ``DataLoader`` draws what its sampler yields (a ``SubsetRandomSampler`` covers part of the
-    data set); under DDP the ``DistributedSampler`` wraps the data set (or the user's sampler) and
-    ``len(sampler.dataset)`` is the global size.
-    """
-    if hasattr(loader, "num_samples"):
-        return int(loader.num_samples)
-    if not isinstance(loader, DataLoader):
-        return None
-    sampler = loader.sampler
-    if isinstance(loader.dataset, IterableDataset):
-        sized = loader.dataset
-    elif isinstance(sampler, DistributedSampler):
-        sized = sampler.dataset
-    else:
-        sized = sampler
-    try:
-        return len(sized)
-    except TypeError:
-        return None
 
 
 class BNNVI(UQMethod):
@@ -91,8 +61,8 @@ class BNNVI(UQMethod):
         num_training_points: int | None = None,
     ) -> None:
         super().__init__(model, criterion, optimizer, lr_scheduler)
-        self.num_mc_samples_train = _positive_int(num_mc_samples_train, "num_mc_samples_train")
-        self.num_mc_samples_test = _positive_int(num_mc_samples_test, "num_mc_samples_test")
+        self.num_mc_samples_train = positive_int(num_mc_samples_train, "num_mc_samples_train")
+        self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
         if not beta >= 0:
             raise ValueError(f"`beta` must be non-negative, got {beta}")
         if (
@@ -104,11 +74,10 @@ class BNNVI(UQMethod):
                 f"`burnin_epochs` must be a non-negative integer, got {burnin_epochs!r}"
             )
         if num_training_points is not None:
-            _positive_int(num_training_points, "num_training_points")
+            positive_int(num_training_points, "num_training_points")
         self.beta = beta
         self.burnin_epochs = burnin_epochs
         self._num_training_points_given = num_training_points
-        self._num_training_points = num_training_points
         self.model = to_bayesian(
             self.model,
             stochastic_module_names,
@@ -119,28 +88,6 @@ class BNNVI(UQMethod):
         self.save_hyperparameters(
             ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
         )
-
-    def on_fit_start(self) -> None:
-        """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
-        self._num_training_points = self._num_training_points_given
-
-    @property
-    def num_training_points(self) -> int:
-        """``N`` of the ELBO: the training set size across all processes."""
-        if self._num_training_points is None:
-            size = None
-            trainer = self._trainer
-            if trainer is not None:
-                size = dataset_size(trainer.train_dataloader)
-                if size is None and trainer.datamodule is not None:
-                    size = dataset_size(trainer.datamodule.train_dataloader())
-            if size is None:
-                raise ValueError(
-                    "cannot tell the training set size from the training loader; pass "
-                    "`num_training_points` (the number of training points, all processes together)"
-                )
-            self._num_training_points = size
-        return self._num_training_points
 
     def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
         """``S`` weight samples in one batched forward: ``[S, N, ...]``."""

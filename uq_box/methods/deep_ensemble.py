@@ -19,8 +19,8 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
+    non_negative_int,
 )
-from uq_box.methods.deterministic import non_negative_int
 from uq_box.nn.ensemble import stack_members
 
 

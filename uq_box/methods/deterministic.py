@@ -16,14 +16,8 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
+    non_negative_int,
 )
-
-
-def non_negative_int(value: int, name: str) -> int:
-    """Check an argument is an int ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
-    return value
 
 
 class Deterministic(UQMethod):

@@ -78,9 +78,9 @@ from uq_box.methods.base import (
     RegressionTask,
     UQMethod,
     eval_mode,
+    non_negative_int,
     unpack_batch,
 )
-from uq_box.methods.deterministic import non_negative_int
 from uq_box.methods.predictive import criterion_num_outputs
 from uq_box.methods.predictive_classification import classification_predictive
 

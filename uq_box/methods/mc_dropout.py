@@ -15,8 +15,8 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
+    non_negative_int,
 )
-from uq_box.methods.deterministic import non_negative_int
 from uq_box.nn import sample_forward
 from uq_box.nn.dropout import to_mc_dropout
 

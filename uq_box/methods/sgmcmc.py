@@ -36,7 +36,7 @@ the first sampled one run once. Predicting changes no parameter.
 
 Choices:
 
-- ``stochastic_module_names`` (resolved by :func:`uq_box.methods.swag.swag_parameter_names`; any
+- ``stochastic_module_names`` (resolved by :func:`uq_box.methods.sampled.sampled_parameter_names`; any
   layer type) picks the sampled parameters; ``None`` samples all. Only they are given to the
   sampler and carry the prior: every other parameter *stays at its value* (its initial or
   pretrained value), which makes the sampled layers a Bayesian model on fixed features. Use a
@@ -52,7 +52,6 @@ Choices:
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from functools import partial
 from typing import Any
@@ -60,38 +59,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.func import functional_call, vmap
 
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
     OptimizerCallable,
     RegressionTask,
-    UQMethod,
-    eval_mode,
+    non_negative_int,
+    positive_int,
 )
-from uq_box.methods.bnn_vi import dataset_size
-from uq_box.methods.deterministic import non_negative_int
-from uq_box.methods.swag import swag_parameter_names
+from uq_box.methods.sampled import ParameterSampling
 from uq_box.nn.convert import StochasticModuleNames
 from uq_box.nn.priors import Prior
-from uq_box.optim.sgmcmc import SGHMC, SGMCMCOptimizer
+from uq_box.optim.sgmcmc import SGLD, SGMCMCOptimizer
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return int(value)
-
-
-class SGMCMC(UQMethod):
+class SGMCMC(ParameterSampling):
     """Posterior sampling by stochastic-gradient MCMC, for any task mixin.
 
     Args:
         model: the backbone.
         criterion: the mean per-point negative log-likelihood (task default when ``None``).
         optimizer: the sampler, a callable taking the parameters and returning a
-            :class:`uq_box.optim.SGMCMCOptimizer` (default ``partial(SGHMC, lr=1e-2)``).
+            :class:`uq_box.optim.SGMCMCOptimizer` (default pSGLD,
+            ``partial(SGLD, lr=1e-3, preconditioned=True)``; the step size depends on the
+            problem, and shrinks as ``N`` grows).
         lr_scheduler: callable taking the sampler (e.g. to anneal the SGLD step size).
         stochastic_module_names: which parameters are sampled: ``None`` = all; ints index the
             parameter-owning layers (``[-1]`` = last layer); strings are dotted module names.
@@ -122,27 +114,20 @@ class SGMCMC(UQMethod):
     ) -> None:
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
-        self.thinning = _positive_int(thinning, "thinning")
-        self.max_num_samples = _positive_int(max_num_samples, "max_num_samples")
+        self.thinning = positive_int(thinning, "thinning")
+        self.max_num_samples = positive_int(max_num_samples, "max_num_samples")
         if num_mc_samples_test is not None:
-            _positive_int(num_mc_samples_test, "num_mc_samples_test")
+            positive_int(num_mc_samples_test, "num_mc_samples_test")
         self.num_mc_samples_test = num_mc_samples_test
         if num_training_points is not None:
-            _positive_int(num_training_points, "num_training_points")
+            positive_int(num_training_points, "num_training_points")
         self._num_training_points_given = num_training_points
-        self._num_training_points = num_training_points
         self.prior = Prior(prior)
 
-        if next(self.model.parameters(), None) is None:
-            raise ValueError("`model` has no parameters; SG-MCMC has nothing to sample")
-        self.parameter_names = swag_parameter_names(self.model, stochastic_module_names)
-        params = dict(self.model.named_parameters())
-        self._shapes = [tuple(params[name].shape) for name in self.parameter_names]
-        self._numels = [params[name].numel() for name in self.parameter_names]
-        first = params[self.parameter_names[0]]
+        first = self.select_parameters(stochastic_module_names)
         like = {"dtype": first.dtype, "device": first.device}
         self.register_buffer(
-            "sgmcmc_samples", torch.zeros(self.max_num_samples, sum(self._numels), **like)
+            "sgmcmc_samples", torch.zeros(self.max_num_samples, self.num_sampled_parameters, **like)
         )
         long = {"dtype": torch.long, "device": first.device}
         self.register_buffer("sgmcmc_num_collected", torch.zeros((), **long))
@@ -152,44 +137,12 @@ class SGMCMC(UQMethod):
             ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
         )
 
-    # -- the training set size -----------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
-        self._num_training_points = self._num_training_points_given
+        """Read ``N`` afresh and re-arm the adaptation warning for every fit."""
+        super().on_fit_start()
         self._warned_adapting = False
 
-    @property
-    def num_training_points(self) -> int:
-        """``N``: the training set size across all processes."""
-        if self._num_training_points is None:
-            size = None
-            trainer = self._trainer
-            if trainer is not None:
-                size = dataset_size(trainer.train_dataloader)
-                if size is None and trainer.datamodule is not None:
-                    size = dataset_size(trainer.datamodule.train_dataloader())
-            if size is None:
-                raise ValueError(
-                    "cannot tell the training set size from the training loader; pass "
-                    "`num_training_points` (the number of training points, all processes together)"
-                )
-            self._num_training_points = size
-        return self._num_training_points
-
     # -- the sampled parameters ------------------------------------------------------------------
-    def flat_parameters(self) -> Tensor:
-        """The sampled parameters' current values as one flat vector ``[P]`` (detached)."""
-        params = dict(self.model.named_parameters())
-        return torch.cat([params[name].detach().reshape(-1) for name in self.parameter_names])
-
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Split ``[..., P]`` into the sampled parameters, each ``[..., *shape]``."""
-        lead = flat.shape[:-1]
-        pieces = flat.split(self._numels, dim=-1)
-        return {
-            name: piece.reshape(*lead, *shape)
-            for name, piece, shape in zip(self.parameter_names, pieces, self._shapes, strict=True)
-        }
 
     def neg_log_prior(self) -> Tensor:
         """``-log p(theta)`` of the sampled parameters (summed, constants included)."""
@@ -223,6 +176,11 @@ class SGMCMC(UQMethod):
         self.sgmcmc_samples[slot].copy_(self.flat_parameters())
         self.sgmcmc_num_collected.add_(1)
 
+    @property
+    def has_samples(self) -> bool:
+        """Whether a sample was kept."""
+        return self.num_samples > 0
+
     def _check_samples(self) -> None:
         if self.num_samples == 0:
             raise RuntimeError(
@@ -240,25 +198,11 @@ class SGMCMC(UQMethod):
         count = self.num_samples
         if num_samples is None or num_samples >= count:
             return self.sgmcmc_samples[:count]
-        _positive_int(num_samples, "num_samples")
+        positive_int(num_samples, "num_samples")
         index = torch.linspace(0, count - 1, num_samples, device=self.sgmcmc_samples.device)
         return self.samples[index.round().long()]
 
     # -- method hooks --------------------------------------------------------------------------
-    @property
-    def in_burnin(self) -> bool:
-        """Always False: burn-in runs the sampler on ``U`` too (see the module docstring)."""
-        return False
-
-    def sample_outputs(self, x: Tensor, num_samples: int | None) -> Tensor:
-        """Outputs of the kept samples in one vectorized call: ``[S, N, ...]``."""
-        stacked = self.unflatten(self.sample_parameters(num_samples))
-        model = self.model
-
-        def call(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, params, (x,))
-
-        return vmap(call, randomness="different")(stacked)
 
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """``U / N`` of the network as it is: mean NLL + ``-log p(theta) / N``."""
@@ -273,7 +217,7 @@ class SGMCMC(UQMethod):
         """The sampler over the sampled parameters (and the scheduler, if given)."""
         params = dict(self.model.named_parameters())
         sampled = [params[name] for name in self.parameter_names]
-        make = self.optimizer or partial(SGHMC, lr=1e-2)
+        make = self.optimizer or partial(SGLD, lr=1e-3, preconditioned=True)
         optimizer = make(sampled)
         if not isinstance(optimizer, SGMCMCOptimizer):
             raise TypeError(
@@ -312,18 +256,6 @@ class SGMCMC(UQMethod):
                 stacklevel=2,
             )
         self.collect_sample()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Objective and metrics; before the first sample the metrics use the plain network."""
-        if self.num_samples > 0:
-            return super().validation_step(batch, batch_idx)
-        x, target = self._inputs_and_targets(batch, "val")
-        terms, outputs = self.loss(x, target)
-        self._accumulate("val", {**terms, **self.running_terms(outputs, target)}, len(x))
-        with torch.no_grad(), eval_mode(self.model):
-            preds = self.predictive(self.model(x).unsqueeze(0))
-        self.update_metrics(self.val_metrics, preds, target)
-        return None
 
 
 class SGMCMCRegression(RegressionTask, SGMCMC):

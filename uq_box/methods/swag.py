@@ -56,57 +56,23 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
     OptimizerCallable,
     RegressionTask,
-    UQMethod,
-    eval_mode,
+    non_negative_int,
+    positive_int,
 )
-from uq_box.methods.deterministic import non_negative_int
-from uq_box.nn.convert import StochasticModuleNames, resolve_module_names
+from uq_box.methods.sampled import ParameterSampling
+from uq_box.nn.convert import StochasticModuleNames
 
 VARIANCE_FLOOR = 1e-30
 """Lower clamp of the diagonal variance ``second moment - mean^2`` (as in the authors' code)."""
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
-
-
-def swag_parameter_names(
-    model: nn.Module, stochastic_module_names: StochasticModuleNames = None
-) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the parameters SWAG averages and samples.
-
-    Unlike :func:`uq_box.nn.to_bayesian`, any layer type works: SWAG only needs the parameters.
-
-    Args:
-        model: the backbone.
-        stochastic_module_names: ``None`` for every parameter; ints index the parameter-owning
-            layers (:func:`uq_box.nn.convert.parameter_layers`, ``-1`` = last); strings are dotted
-            module names (all parameters under that module).
-
-    Returns:
-        Parameter names in ``model.named_parameters()`` order, without repeats.
-    """
-    all_names = [name for name, _ in model.named_parameters()]
-    if not all_names:
-        raise ValueError("`model` has no parameters; SWAG has nothing to average")
-    if stochastic_module_names is None:
-        return all_names
-    modules = dict(model.named_modules())
-    chosen = [modules[name] for name in resolve_module_names(model, stochastic_module_names)]
-    wanted = {id(p) for module in chosen for p in module.parameters()}
-    return [name for name, p in model.named_parameters() if id(p) in wanted]
-
-
-class SWAG(UQMethod):
+class SWAG(ParameterSampling):
     """SWA-Gaussian for any task mixin.
 
     Args:
@@ -143,8 +109,8 @@ class SWAG(UQMethod):
     ) -> None:
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
-        self.max_num_models = _positive_int(max_num_models, "max_num_models")
-        self.num_mc_samples_test = _positive_int(num_mc_samples_test, "num_mc_samples_test")
+        self.max_num_models = positive_int(max_num_models, "max_num_models")
+        self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale >= 0:
             raise ValueError(f"`scale` must be a non-negative number, got {scale!r}")
         if swa_lr is not None and (
@@ -154,12 +120,8 @@ class SWAG(UQMethod):
         self.scale = float(scale)
         self.swa_lr = None if swa_lr is None else float(swa_lr)
 
-        self.parameter_names = swag_parameter_names(self.model, stochastic_module_names)
-        params = dict(self.model.named_parameters())
-        self._shapes = [tuple(params[name].shape) for name in self.parameter_names]
-        self._numels = [params[name].numel() for name in self.parameter_names]
-        first = params[self.parameter_names[0]]
-        num_params = sum(self._numels)
+        first = self.select_parameters(stochastic_module_names)
+        num_params = self.num_sampled_parameters
         like = {"dtype": first.dtype, "device": first.device}
         self.register_buffer("swag_mean", torch.zeros(num_params, **like))
         self.register_buffer("swag_sq_mean", torch.zeros(num_params, **like))
@@ -182,25 +144,6 @@ class SWAG(UQMethod):
         """Rows of ``swag_deviations`` in use: ``min(num_snapshots, max_num_models)``."""
         return min(self.num_snapshots, self.max_num_models)
 
-    @property
-    def in_burnin(self) -> bool:
-        """Always False: SWAG trains on the criterion in every epoch (see the module docstring)."""
-        return False
-
-    def flat_parameters(self) -> Tensor:
-        """The chosen parameters' current values as one flat vector ``[P]`` (detached)."""
-        params = dict(self.model.named_parameters())
-        return torch.cat([params[name].detach().reshape(-1) for name in self.parameter_names])
-
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Split ``[..., P]`` into the chosen parameters, each ``[..., *shape]``."""
-        lead = flat.shape[:-1]
-        pieces = flat.split(self._numels, dim=-1)
-        return {
-            name: piece.reshape(*lead, *shape)
-            for name, piece, shape in zip(self.parameter_names, pieces, self._shapes, strict=True)
-        }
-
     @torch.no_grad()
     def collect_snapshot(self) -> None:
         """Add the current parameters to the running moments and the deviation matrix."""
@@ -216,6 +159,11 @@ class SWAG(UQMethod):
                 torch.cat([self.swag_deviations[1:], deviation.unsqueeze(0)])
             )
         self.swag_num_snapshots.add_(1)
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether a snapshot was taken."""
+        return self.num_snapshots > 0
 
     def _check_snapshots(self) -> None:
         if self.num_snapshots == 0:
@@ -239,7 +187,7 @@ class SWAG(UQMethod):
             generator: source of the standard normal noise (the global one when ``None``).
         """
         self._check_snapshots()
-        _positive_int(num_samples, "num_samples")
+        positive_int(num_samples, "num_samples")
         mean = self.swag_mean
         like = {"dtype": mean.dtype, "device": mean.device, "generator": generator}
         std = (self.swag_sq_mean - mean**2).clamp(min=VARIANCE_FLOOR).sqrt()
@@ -254,36 +202,6 @@ class SWAG(UQMethod):
         """The SWA means of the chosen parameters, by name."""
         self._check_snapshots()
         return self.unflatten(self.swag_mean.clone())
-
-    # -- method hooks -------------------------------------------------------------------------
-    def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
-        """Outputs of ``S`` SWAG parameter samples in one vectorized call: ``[S, N, ...]``."""
-        stacked = self.unflatten(self.sample_parameters(num_samples))
-        model = self.model
-
-        def call(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, params, (x,))
-
-        return vmap(call, randomness="different")(stacked)
-
-    def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The data loss of the network as it is (SGD on the criterion, every epoch)."""
-        outputs = self.model(x).unsqueeze(0)
-        nll = self.data_loss(outputs, target)
-        return {"loss": nll, "nll": nll}, outputs
-
-    # -- Lightning hooks ----------------------------------------------------------------------
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Objective and metrics; before the first snapshot the metrics use the plain network."""
-        if self.num_snapshots > 0:
-            return super().validation_step(batch, batch_idx)
-        x, target = self._inputs_and_targets(batch, "val")
-        terms, outputs = self.loss(x, target)
-        self._accumulate("val", {**terms, **self.running_terms(outputs, target)}, len(x))
-        with torch.no_grad(), eval_mode(self.model):
-            preds = self.predictive(self.model(x).unsqueeze(0))
-        self.update_metrics(self.val_metrics, preds, target)
-        return None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Hold the learning rate at ``swa_lr`` in the collection epochs (when given)."""
@@ -316,4 +234,4 @@ class SWAGClassification(ClassificationTask, SWAG):
     """
 
 
-__all__ = ["SWAG", "SWAGClassification", "SWAGRegression", "swag_parameter_names"]
+__all__ = ["SWAG", "SWAGClassification", "SWAGRegression"]
