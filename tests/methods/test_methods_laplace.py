@@ -9,17 +9,15 @@
 - the configs run through the CLI; bad arguments fail early.
 """
 
-import json
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit_config
 from lightning import Trainer, seed_everything
 
-import uq_box.cli as cli
 from uq_box.datamodules import ArrayDataModule, TwoMoonsDatamodule
 from uq_box.losses import NLL
 from uq_box.methods.laplace import (
@@ -306,31 +304,14 @@ def test_predicts_across_devices(device):
     ],
 )
 def test_cli_config_fits_laplace(dataset, method_cls, keys, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["uq-box"])
-    fitted = {}
-    original = cli.UQBoxCLI.after_fit
-
-    def after_fit(self):
-        original(self)
-        fitted["model"] = self.model
-
-    monkeypatch.setattr(cli.UQBoxCLI, "after_fit", after_fit)
-    cli.main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / dataset / "laplace.yaml"),
-            "--trainer.max_epochs=3",
-            "--trainer.accelerator=cpu",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.enable_model_summary=false",
-        ]
+    model, metrics = fit_config(
+        f"{dataset}/laplace.yaml",
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_epochs=3",
+        "--trainer.accelerator=cpu",
     )
-    (path,) = tmp_path.glob("*/version_*/test_metrics.json")
-    metrics = json.loads(path.read_text())
     assert keys <= set(metrics), metrics
-    assert all(math.isfinite(v) for v in metrics.values()), metrics
-    model = fitted["model"]
     assert type(model) is method_cls
     assert model.la is not None
     assert (model.subset_of_weights, model.hessian_structure) == ("last_layer", "kron")

@@ -10,21 +10,17 @@
   the CLI; clear errors.
 """
 
-import json
-import math
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import fit_config, quiet_trainer
 from lightning import Callback, seed_everything
 from torch import nn
 from torch.distributions import Laplace, Normal
 from torch.func import functional_call
 
-import uq_box.cli as cli
 from uq_box.datamodules import ToyHeteroscedasticDatamodule
 from uq_box.losses import NLL
 from uq_box.methods.base import RegressionTask
@@ -227,32 +223,15 @@ def test_quality_on_toy_heteroscedastic():
     ],
 )
 def test_cli_config(dataset, method_cls, keys, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["uq-box"])
     monkeypatch.chdir(tmp_path)
-    fitted = {}
-    original = cli.UQBoxCLI.after_fit
-
-    def after_fit(self):
-        original(self)
-        fitted["model"] = self.model
-
-    monkeypatch.setattr(cli.UQBoxCLI, "after_fit", after_fit)
-    cli.main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / dataset / "sgld.yaml"),
-            "--trainer.max_epochs=3",
-            "--model.init_args.burnin_epochs=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.enable_model_summary=false",
-        ]
+    model, metrics = fit_config(
+        f"{dataset}/sgld.yaml",
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_epochs=3",
+        "--model.init_args.burnin_epochs=1",
     )
-    (path,) = tmp_path.glob("*/version_*/test_metrics.json")
-    metrics = json.loads(path.read_text())
     assert keys <= set(metrics), metrics
-    assert all(math.isfinite(v) for v in metrics.values()), metrics
-    model = fitted["model"]
     assert type(model) is method_cls
     optimizer = model.trainer.optimizers[0]
     assert isinstance(optimizer, SGLD) and optimizer.defaults["preconditioned"]
