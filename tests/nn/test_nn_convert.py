@@ -318,7 +318,7 @@ def test_shared_layer_is_converted_everywhere_or_rejected():
         assert model[0] is model[2]
 
 
-@pytest.mark.parametrize("estimator", ["lcoal", "", "flipout"])
+@pytest.mark.parametrize("estimator", ["lcoal", "", "flip"])
 def test_bad_estimator(estimator):
     model = _mlp_bn()
     with pytest.raises(ValueError, match="estimator") as info:

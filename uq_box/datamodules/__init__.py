@@ -8,15 +8,23 @@ from uq_box.datamodules.classification import (
     make_spiral,
     rotate_images,
 )
-from uq_box.datamodules.toy import ToyHeteroscedasticDatamodule
+from uq_box.datamodules.toy import (
+    ToyGapDatamodule,
+    ToyHeteroscedasticDatamodule,
+    toy_gap_function,
+    toy_gap_observations,
+)
 
 __all__ = [
     "ArrayDataModule",
     "DigitsDatamodule",
     "InMemoryLoader",
     "SpiralDatamodule",
+    "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
     "TwoMoonsDatamodule",
     "make_spiral",
     "rotate_images",
+    "toy_gap_function",
+    "toy_gap_observations",
 ]

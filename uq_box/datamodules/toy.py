@@ -94,3 +94,135 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         self.X_gtext = torch.linspace(x_min - extension, x_max + extension, n_gt).unsqueeze(-1)
         self.Y_gtext = toy_heteroscedastic_function(self.X_gtext)
         self.noise_std_gtext = toy_heteroscedastic_noise_std(self.X_gtext)
+
+
+def toy_gap_function(x: Tensor) -> Tensor:
+    """Ground truth of the gap data (Pyro BNN tutorial): ``x + 0.3 sin(2 pi x) + 0.3 sin(4 pi x)``."""
+    return x + 0.3 * torch.sin(2 * math.pi * x) + 0.3 * torch.sin(4 * math.pi * x)
+
+
+def toy_gap_observations(x: Tensor, noise_std: float, generator: torch.Generator) -> Tensor:
+    """Noisy observations at ``x`` as the Pyro tutorial draws them.
+
+    One noise value ``eps ~ N(0, noise_std^2)`` per point perturbs both the input of the sines and
+    the output: ``y = x + 0.3 sin(2 pi (x + eps)) + 0.3 sin(4 pi (x + eps)) + eps``.
+    """
+    eps = noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    shifted = x + eps
+    return x + 0.3 * torch.sin(2 * math.pi * shifted) + 0.3 * torch.sin(4 * math.pi * shifted) + eps
+
+
+class ToyGapDatamodule(ArrayDataModule):
+    """1-D regression with a gap in the data: "in-between" uncertainty (Pyro BNN tutorial).
+
+    Training inputs are evenly spaced on two intervals, ``[-0.2, 0.2]`` and ``[0.6, 1.0]`` by
+    default, half of ``n_points`` on each, with nothing in between; targets follow
+    :func:`toy_gap_observations` (noise std 0.02). A good method is confident on the two
+    intervals and uncertain in the gap ``gap_bounds = (0.2, 0.6)`` and beyond the data.
+
+    The test split has noisy observations at ``n_test`` evenly spaced inputs across
+    ``[x_min, x_max]`` (the gap included); ``X_gtext``/``Y_gtext`` hold the noise-free truth on a
+    grid over the same range. ``X_gap``/``Y_gap`` are ``n_gap`` new observations evenly spaced
+    across the gap, the "new data" of the tutorial's Bayesian-updating exercise; they are drawn
+    last, so they leave the other splits of a seed unchanged, and are in no split
+    (:meth:`gap_datamodule` wraps them for a second fit).
+
+    Args:
+        n_points: training (and validation) points, split evenly between the two intervals.
+        left, right: the two intervals holding the data, ``left`` below ``right``.
+        noise_std: standard deviation of the noise.
+        val_fraction: share of the points held out at random for validation (0: none, as in
+            the tutorial).
+        n_test: test points across ``[x_min, x_max]``.
+        x_min, x_max: range of the test points and the ground-truth grid.
+        n_gt: points on the ground-truth grid.
+        n_gap: new observations in the gap.
+        batch_size: training batch size.
+        seed: seed of the noise, the validation split and the shuffle.
+    """
+
+    def __init__(
+        self,
+        n_points: int = 1000,
+        left: tuple[float, float] = (-0.2, 0.2),
+        right: tuple[float, float] = (0.6, 1.0),
+        noise_std: float = 0.02,
+        val_fraction: float = 0.0,
+        n_test: int = 1000,
+        x_min: float = -0.5,
+        x_max: float = 1.5,
+        n_gt: int = 1000,
+        n_gap: int = 100,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        for name, value, minimum in (
+            ("n_points", n_points, 2),
+            ("n_test", n_test, 1),
+            ("n_gt", n_gt, 2),
+            ("n_gap", n_gap, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        left, right = (float(left[0]), float(left[1])), (float(right[0]), float(right[1]))
+        if not left[0] < left[1] < right[0] < right[1]:
+            raise ValueError(
+                f"`left` and `right` must be intervals (low, high) with a gap between them, left "
+                f"below right; got {left} and {right}"
+            )
+        if not x_min < x_max:
+            raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
+        if not noise_std >= 0:
+            raise ValueError(f"`noise_std` must be non-negative, got {noise_std}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
+        n_val = round(n_points * val_fraction)
+        if n_points - n_val < 1:
+            raise ValueError(
+                f"`val_fraction`={val_fraction} of `n_points`={n_points} leaves no training point"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        n_left = n_points // 2
+        x = torch.cat(
+            [torch.linspace(*left, n_left), torch.linspace(*right, n_points - n_left)]
+        ).unsqueeze(-1)
+        y = toy_gap_observations(x, noise_std, generator)
+        order = torch.randperm(n_points, generator=generator)
+        train, val = order[n_val:].sort().values, order[:n_val].sort().values
+        x_test = torch.linspace(x_min, x_max, n_test).unsqueeze(-1)
+        y_test = toy_gap_observations(x_test, noise_std, generator)
+        super().__init__(
+            x[train],
+            y[train],
+            x[val] if n_val > 0 else None,
+            y[val] if n_val > 0 else None,
+            x_test,
+            y_test,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.left, self.right = left, right
+        self.gap_bounds = (left[1], right[0])
+        self.noise_std = float(noise_std)
+        self.X_gtext = torch.linspace(x_min, x_max, n_gt).unsqueeze(-1)
+        self.Y_gtext = toy_gap_function(self.X_gtext)
+        self.X_gap = torch.linspace(*self.gap_bounds, n_gap).unsqueeze(-1)
+        self.Y_gap = toy_gap_observations(self.X_gap, noise_std, generator)
+
+    def in_gap(self, x: Tensor) -> Tensor:
+        """Whether inputs lie strictly inside the gap, ``gap_bounds[0] < x < gap_bounds[1]``."""
+        low, high = self.gap_bounds
+        return (x > low) & (x < high)
+
+    def gap_datamodule(self, batch_size: int | None = None) -> ArrayDataModule:
+        """The new observations ``X_gap``/``Y_gap`` as training data, with this test split: the
+        second fit of Bayesian updating (:func:`uq_box.nn.posterior_as_prior`).
+        """
+        return ArrayDataModule(
+            self.X_gap,
+            self.Y_gap,
+            X_test=self.X_test,
+            y_test=self.Y_test,
+            batch_size=self.batch_size if batch_size is None else batch_size,
+            seed=self.seed,
+        )

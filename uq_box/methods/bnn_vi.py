@@ -36,7 +36,8 @@ class BNNVI(UQMethod):
             strings name modules, ``None`` = all).
         prior: prior of the Bayesian weights (default ``Normal(0, 1)``).
         posterior_rho_init: initial ``rho`` of the posterior (``sigma = softplus(rho)``).
-        estimator: ``"reparameterization"`` or ``"local"`` (local reparameterization trick).
+        estimator: ``"reparameterization"``, ``"local"`` (local reparameterization trick) or
+            ``"flipout"`` (Wen et al. 2018).
         num_mc_samples_train: weight samples per training step.
         num_mc_samples_test: weight samples per prediction.
         beta: weight of the KL term (1 is the ELBO).

@@ -1,6 +1,11 @@
-"""Bayesian layers (drop-in for ``torch.nn``), priors, KL and model conversion."""
+"""Bayesian layers (drop-in for ``torch.nn``), priors, KL and model conversion.
+
+``import uq_box.nn as vinn`` gives the drop-in flow: ``vinn.Linear``, ``vinn.Conv2d`` and
+``vinn.Module`` (whose ``.kl`` sums the KL of every Bayesian layer inside).
+"""
 
 from uq_box.nn.convert import parameter_layers, select_modules, to_bayesian
+from uq_box.nn.dropin import Conv1d, Conv2d, Conv3d, Linear, Module
 from uq_box.nn.dropout import MCDropout, to_mc_dropout
 from uq_box.nn.ensemble import StackedEnsemble, stack_members
 from uq_box.nn.kl import kl, kl_divergence
@@ -11,8 +16,10 @@ from uq_box.nn.layers import (
     BayesianLinear,
     BayesianModule,
 )
-from uq_box.nn.priors import Prior, mean_field_kl
+from uq_box.nn.priors import Prior, ScaleMixtureNormal, mean_field_kl
+from uq_box.nn.pruning import prune_by_snr, prune_random, pruning_curve, snr
 from uq_box.nn.sampling import MCState, current_mc_state, mc_sampling, sample_forward
+from uq_box.nn.updating import posterior_as_prior
 
 __all__ = [
     "BayesianConv1d",
@@ -20,9 +27,15 @@ __all__ = [
     "BayesianConv3d",
     "BayesianLinear",
     "BayesianModule",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Linear",
     "MCDropout",
     "MCState",
+    "Module",
     "Prior",
+    "ScaleMixtureNormal",
     "StackedEnsemble",
     "current_mc_state",
     "kl",
@@ -30,8 +43,13 @@ __all__ = [
     "mc_sampling",
     "mean_field_kl",
     "parameter_layers",
+    "posterior_as_prior",
+    "prune_by_snr",
+    "prune_random",
+    "pruning_curve",
     "sample_forward",
     "select_modules",
+    "snr",
     "stack_members",
     "to_bayesian",
     "to_mc_dropout",

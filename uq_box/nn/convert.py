@@ -168,7 +168,7 @@ def to_bayesian(
         stochastic_module_names: which layers (see the module docstring).
         prior: prior of the new layers (default ``Normal(0, 1)``).
         posterior_rho_init: initial ``rho`` of the posterior, ``sigma = softplus(rho)``.
-        estimator: ``"reparameterization"`` or ``"local"``.
+        estimator: ``"reparameterization"``, ``"local"`` or ``"flipout"``.
         keep_weights: use the layers' current weights as posterior means (else re-initialize).
         num_kl_samples: Monte Carlo samples of the KL where no closed form exists.
 

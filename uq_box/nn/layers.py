@@ -1,7 +1,7 @@
 """Mean-field Gaussian Bayesian layers, drop-in replacements for ``nn.Linear`` and ``nn.Conv*d``.
 
 Every weight ``w`` has a posterior ``N(mu, sigma^2)`` with ``sigma = softplus(rho)`` (Blundell et
-al. 2015, "Weight Uncertainty in Neural Networks"). Two gradient estimators:
+al. 2015, "Weight Uncertainty in Neural Networks"). Three gradient estimators:
 
 - ``"reparameterization"``: sample the weights, ``w = mu + sigma * eps``; inside
   :func:`~uq_box.nn.sampling.mc_sampling` the ``S`` samples run as one batched matmul or grouped
@@ -10,6 +10,22 @@ al. 2015, "Weight Uncertainty in Neural Networks"). Two gradient estimators:
   Dropout and the Local Reparameterization Trick") samples the pre-activations from their exact
   Gaussian, ``N(x mu^T, x^2 sigma^2^T)``: lower gradient variance, and the noise has the size of
   the activations ``[S, N, out]`` instead of the weights ``[S, out, in]``.
+- ``"flipout"`` (Wen, Vicol, Ba, Tran & Grosse 2018, "Flipout: Efficient Pseudo-Independent
+  Weight Perturbations on Mini-Batches"): one perturbation ``dW = sigma * eps`` per weight sample,
+  shared by the batch, decorrelated between examples by random signs ``s_in``, ``s_out`` per
+  example: ``out = x mu^T + ((x * s_in) dW^T) * s_out``. Each example sees the weights
+  ``mu + dW * (s_out s_in^T)``, exactly distributed as ``N(mu, sigma^2)`` (the same marginal as
+  ``"reparameterization"``), while the outputs of different examples are uncorrelated, so the
+  gradient variance falls with the batch size as with ``"local"``. Unlike ``"local"`` it works for
+  any weight distribution that is symmetric about its mean and keeps the weight-space sample.
+  Signs are per example (shared over the positions of a convolution or the middle dimensions of
+  a linear layer's input); the biases are sampled per example too.
+
+Inside :func:`~uq_box.nn.sampling.mc_sampling`, a ``noise_fn`` is asked for ``"weight"`` and
+``"bias"`` noise of the parameter shapes with a leading ``S`` (``"reparameterization"``), for
+``"output"`` noise (``"local"``), or for ``"weight"`` ``[S, *weight_shape]`` and ``"bias"``,
+``"sign_in"``, ``"sign_out"`` ``[R, features]`` with ``R = S * N`` the rows of the folded batch
+(``"flipout"``; the signs are the signs of that noise).
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from torch.distributions import Distribution
 from uq_box.nn.priors import Prior
 from uq_box.nn.sampling import MCState, current_mc_state
 
-ESTIMATORS = ("reparameterization", "local")
+ESTIMATORS = ("reparameterization", "local", "flipout")
 
 
 class BayesianModule(nn.Module):
@@ -49,6 +65,7 @@ class _BayesianLayer(BayesianModule):
         posterior_rho_init: float,
         estimator: str,
         num_kl_samples: int,
+        bias_prior: Distribution | float | None = None,
     ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -61,6 +78,8 @@ class _BayesianLayer(BayesianModule):
         self.num_kl_samples = num_kl_samples
         self.posterior_rho_init = posterior_rho_init
         self.prior = Prior(prior)
+        # the biases' own prior (a submodule once set); None: the biases share ``self.prior``
+        self.bias_prior: Prior | None = None if bias_prior is None else Prior(bias_prior)
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape))
         out_features = weight_shape[0]
@@ -82,6 +101,19 @@ class _BayesianLayer(BayesianModule):
             nn.init.uniform_(self.bias_mu, -bound, bound)
             nn.init.constant_(self.bias_rho, self.posterior_rho_init)
 
+    def _load_from_state_dict(  # noqa: ANN001 -- torch's signature
+        self, state_dict, prefix, *args
+    ) -> None:
+        """A checkpoint with a separate bias prior (e.g. after
+        :func:`~uq_box.nn.posterior_as_prior`) loads into a layer built without one: the bias
+        prior is created with the weight prior's family and takes the checkpoint's values.
+        """
+        if self.bias_prior is None and any(
+            k.startswith(f"{prefix}bias_prior.") for k in state_dict
+        ):
+            self.bias_prior = Prior(self.prior.distribution())
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @property
     def weight_sigma(self) -> Tensor:
         """Posterior standard deviations of the weights."""
@@ -96,7 +128,8 @@ class _BayesianLayer(BayesianModule):
         """KL of this layer's own weights and biases from the prior."""
         kl = self.prior.kl_from(self.weight_mu, self.weight_sigma, self.num_kl_samples)
         if self.bias_mu is not None:
-            kl = kl + self.prior.kl_from(self.bias_mu, self.bias_sigma, self.num_kl_samples)
+            prior = self.prior if self.bias_prior is None else self.bias_prior
+            kl = kl + prior.kl_from(self.bias_mu, self.bias_sigma, self.num_kl_samples)
         return kl
 
     def _sample(self, name: str, state: MCState | None) -> Tensor:
@@ -116,9 +149,56 @@ class _BayesianLayer(BayesianModule):
         """The operation with ``S`` weight samples ``[S, *shape]`` on ``[N]`` or folded ``[S*N]``."""
         raise NotImplementedError
 
+    @property
+    def _features(self) -> tuple[int, int]:
+        """``(input features, output features)``: the axes the flipout signs act on."""
+        raise NotImplementedError
+
+    def _per_row(self, values: Tensor, ndim: int) -> Tensor:
+        """``[R, C]`` per-row values, broadcastable against an ``ndim`` activation ``[R, ...]``."""
+        raise NotImplementedError
+
+    def _flipout(self, x: Tensor, state: MCState | None) -> Tensor:
+        """The flipout estimator (see the module docstring)."""
+        in_features, out_features = self._features
+        mean = self._apply_mean(x, self.weight_mu, None)
+        if state is None:
+            rows = x.shape[0]
+            delta = self.weight_sigma * torch.randn_like(self.weight_mu)
+            signs_in = torch.randn(rows, in_features, dtype=x.dtype, device=x.device).sign()
+            signs_out = torch.randn(rows, out_features, dtype=x.dtype, device=x.device).sign()
+            perturbation = self._apply_mean(x * self._per_row(signs_in, x.ndim), delta, None)
+            bias_eps = None
+            if self.bias_mu is not None:
+                bias_eps = torch.randn(rows, out_features, dtype=x.dtype, device=x.device)
+        else:
+            num_samples = state.num_samples
+            eps = state.noise(self, "weight", (num_samples, *self.weight_mu.shape), self.weight_mu)
+            delta = self.weight_sigma * eps
+            if not state.folded:  # one copy of the batch per weight sample: [S * N, ...]
+                mean = mean.unsqueeze(0).expand(num_samples, *mean.shape).flatten(0, 1)
+                x = x.unsqueeze(0).expand(num_samples, *x.shape).flatten(0, 1)
+            rows = x.shape[0]
+            signs_in = state.noise(self, "sign_in", (rows, in_features), x).sign()
+            signs_out = state.noise(self, "sign_out", (rows, out_features), x).sign()
+            perturbation = self._apply_samples(
+                x * self._per_row(signs_in, x.ndim), delta, None, folded=True
+            )
+            bias_eps = None
+            if self.bias_mu is not None:
+                bias_eps = state.noise(self, "bias", (rows, out_features), x)
+            state.folded = True
+        out = mean + perturbation * self._per_row(signs_out, mean.ndim)
+        if bias_eps is not None:
+            bias = self.bias_mu + self.bias_sigma * bias_eps
+            out = out + self._per_row(bias, out.ndim)
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         """One weight sample per call, or ``S`` of them inside ``mc_sampling`` (folded batch)."""
         state = current_mc_state()
+        if self.estimator == "flipout":
+            return self._flipout(x, state)
         if self.estimator == "local":
             mean = self._apply_mean(x, self.weight_mu, self.bias_mu)
             bias_var = None if self.bias_mu is None else self.bias_sigma**2
@@ -148,8 +228,9 @@ class BayesianLinear(_BayesianLayer):
         prior: prior of every weight and bias (default ``Normal(0, 1)``); a number is the scale of
             a zero-mean Normal.
         posterior_rho_init: initial ``rho``; ``sigma = softplus(rho)`` (-5 gives 0.0067).
-        estimator: ``"reparameterization"`` or ``"local"``.
+        estimator: ``"reparameterization"``, ``"local"`` or ``"flipout"``.
         num_kl_samples: Monte Carlo samples of the KL where no closed form exists.
+        bias_prior: prior of the biases (default: ``prior``).
     """
 
     def __init__(
@@ -161,12 +242,26 @@ class BayesianLinear(_BayesianLayer):
         posterior_rho_init: float = -5.0,
         estimator: str = "reparameterization",
         num_kl_samples: int = 1,
+        bias_prior: Distribution | float | None = None,
     ) -> None:
         self.in_features = in_features
         self.out_features = out_features
         super().__init__(
-            (out_features, in_features), bias, prior, posterior_rho_init, estimator, num_kl_samples
+            (out_features, in_features),
+            bias,
+            prior,
+            posterior_rho_init,
+            estimator,
+            num_kl_samples,
+            bias_prior,
         )
+
+    @property
+    def _features(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def _per_row(self, values: Tensor, ndim: int) -> Tensor:
+        return values.reshape(values.shape[0], *([1] * (ndim - 2)), values.shape[-1])
 
     def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
@@ -217,6 +312,7 @@ class _BayesianConvNd(_BayesianLayer):
         posterior_rho_init: float = -5.0,
         estimator: str = "reparameterization",
         num_kl_samples: int = 1,
+        bias_prior: Distribution | float | None = None,
     ) -> None:
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -238,7 +334,15 @@ class _BayesianConvNd(_BayesianLayer):
             posterior_rho_init,
             estimator,
             num_kl_samples,
+            bias_prior,
         )
+
+    @property
+    def _features(self) -> tuple[int, int]:
+        return self.in_channels, self.out_channels
+
+    def _per_row(self, values: Tensor, ndim: int) -> Tensor:
+        return values.reshape(*values.shape, *([1] * (ndim - 2)))
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]

@@ -1,12 +1,111 @@
-"""Priors over weights and the KL divergence of a mean-field Gaussian posterior from them."""
+"""Priors over weights and the KL divergence of a mean-field Gaussian posterior from them.
+
+Any ``torch.distributions`` family works as a prior (:class:`Prior` keeps its parameters in
+buffers): ``Normal`` and ``Laplace`` have a closed-form KL from a Gaussian posterior, others
+(``StudentT``, ``Cauchy``, :class:`ScaleMixtureNormal`) use the Monte Carlo estimate of
+:func:`mean_field_kl`. Prior parameters may be tensors that broadcast against the weights, e.g.
+elementwise means and scales of the weight's own shape (:func:`uq_box.nn.posterior_as_prior`).
+"""
 
 from __future__ import annotations
 
 import math
+from numbers import Number
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Normal, kl_divergence
+from torch.distributions import Distribution, Normal, constraints, kl_divergence
+from torch.distributions.utils import broadcast_all
+
+
+class ScaleMixtureNormal(Distribution):
+    """Zero-mean scale mixture of two Gaussians, the prior of Blundell et al. 2015.
+
+    ``p(w) = pi N(w | 0, sigma1^2) + (1 - pi) N(w | 0, sigma2^2)``: with ``sigma1 > sigma2`` and
+    ``sigma2 << 1`` (the paper searches ``pi`` in {1/4, 1/2, 3/4}, ``-log sigma1`` in {0, 1, 2},
+    ``-log sigma2`` in {6, 7, 8}; e.g. ``ScaleMixtureNormal(0.5, 1.0, 0.0025)``) it resembles a
+    spike-and-slab prior: a sharp peak at zero pulls many weights to zero while the broad component
+    lets the others grow. It has no closed-form KL from a Gaussian posterior, so
+    :func:`mean_field_kl` estimates it by Monte Carlo (``num_kl_samples`` of the layer).
+
+    Args:
+        pi: weight of the first component, in ``[0, 1]``.
+        sigma1, sigma2: standard deviations of the two components, positive.
+    """
+
+    arg_constraints = {
+        "pi": constraints.unit_interval,
+        "sigma1": constraints.positive,
+        "sigma2": constraints.positive,
+    }
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(
+        self,
+        pi: Tensor | float,
+        sigma1: Tensor | float,
+        sigma2: Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.pi, self.sigma1, self.sigma2 = broadcast_all(pi, sigma1, sigma2)
+        if all(isinstance(v, Number) for v in (pi, sigma1, sigma2)):
+            batch_shape = torch.Size()
+        else:
+            batch_shape = self.pi.size()
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):  # noqa: ANN001, ANN201 -- torch's signature
+        new = self._get_checked_instance(ScaleMixtureNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.pi = self.pi.expand(batch_shape)
+        new.sigma1 = self.sigma1.expand(batch_shape)
+        new.sigma2 = self.sigma2.expand(batch_shape)
+        super(ScaleMixtureNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        return torch.zeros_like(self.pi)
+
+    @property
+    def mode(self) -> Tensor:
+        return torch.zeros_like(self.pi)
+
+    @property
+    def variance(self) -> Tensor:
+        return self.pi * self.sigma1**2 + (1.0 - self.pi) * self.sigma2**2
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log(pi N(value | 0, sigma1^2) + (1 - pi) N(value | 0, sigma2^2))``, stably."""
+        if self._validate_args:
+            self._validate_sample(value)
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value, dtype=self.pi.dtype, device=self.pi.device)
+        half_log_2pi = 0.5 * math.log(2.0 * math.pi)
+
+        def component(weight: Tensor, sigma: Tensor) -> Tensor:
+            return torch.log(weight) - torch.log(sigma) - half_log_2pi - 0.5 * (value / sigma) ** 2
+
+        return torch.logaddexp(component(self.pi, self.sigma1), component(1 - self.pi, self.sigma2))
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """Pick a component with probability ``pi`` / ``1 - pi``, then draw from it."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        with torch.no_grad():
+            first = torch.rand(shape, dtype=self.pi.dtype, device=self.pi.device) < self.pi
+            scale = torch.where(first, self.sigma1.expand(shape), self.sigma2.expand(shape))
+            return scale * torch.randn(shape, dtype=self.pi.dtype, device=self.pi.device)
+
+    def cdf(self, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value, dtype=self.pi.dtype, device=self.pi.device)
+
+        def phi(sigma: Tensor) -> Tensor:
+            return 0.5 * (1 + torch.erf(value / (sigma * math.sqrt(2.0))))
+
+        return self.pi * phi(self.sigma1) + (1 - self.pi) * phi(self.sigma2)
 
 
 class Prior(nn.Module):
@@ -32,6 +131,22 @@ class Prior(nn.Module):
             if not value.is_floating_point():
                 value = value.to(torch.get_default_dtype())
             self.register_buffer(name, value.detach().clone())
+
+    def _load_from_state_dict(  # noqa: ANN001 -- torch's signature
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Take parameters of another shape from a checkpoint (a scalar prior loads the
+        elementwise prior :func:`~uq_box.nn.posterior_as_prior` wrote, and back).
+        """
+        for name in self.param_names:
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                current = getattr(self, name)
+                shape = state_dict[key].shape
+                setattr(self, name, current.new_empty(shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def distribution(self) -> Distribution:
         """The prior as a ``torch.distributions.Distribution``."""

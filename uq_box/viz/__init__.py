@@ -13,8 +13,10 @@ from uq_box.viz.regression import (
     plot_toy_regression_data,
 )
 from uq_box.viz.training import plot_training_metrics
+from uq_box.viz.weights import model_weights, plot_weight_histograms
 
 __all__ = [
+    "model_weights",
     "plot_calibration",
     "plot_decision_surface",
     "plot_predictions_comparison",
@@ -24,4 +26,5 @@ __all__ = [
     "plot_toy_regression_data",
     "plot_training_metrics",
     "plot_uncertainty_vs_rotation",
+    "plot_weight_histograms",
 ]
