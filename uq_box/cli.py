@@ -32,7 +32,16 @@ class UQBoxCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``uq-box``."""
+    """Entry point of ``uq-box``; ``uq-box benchmark uci ...`` runs the UCI benchmark."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["benchmark"]:
+        if argv[1:2] != ["uci"]:
+            raise SystemExit(
+                f"error: `uq-box benchmark` takes a benchmark name: uci; got {argv[1:2] or 'none'}"
+            )
+        from uq_box.benchmarks.uci import main as benchmark_uci
+
+        raise SystemExit(benchmark_uci(argv[2:]))
     UQBoxCLI(
         UQMethod,
         LightningDataModule,

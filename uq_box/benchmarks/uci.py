@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from uq_box.datamodules.uci import UCI_DATASETS, load_uci_split, uci_info
+from uq_box.datamodules.uci import UCI_DATASETS, UCISplit, load_uci_split, uci_info
 from uq_box.losses import NLL, elbo_loss, softplus_std
 from uq_box.losses import gaussian_nll as gaussian_nll_terms
 from uq_box.methods.predictive import regression_predictive
@@ -58,6 +58,8 @@ __all__ = [
     "load_config",
     "main",
     "markdown_table",
+    "metrics_table",
+    "original_units_metrics",
     "plot_results",
     "published_results",
     "run_benchmark",
@@ -94,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "epoch_multiplier": 1,
     "batch_size": 32,
     "lr": 0.01,
-    "lr_schedule": "constant",
+    "lr_schedule": "cosine",
     "weight_decay": 0.0,
     "min_std": 1.0e-6,
     "eval_samples": 100,
@@ -104,7 +106,29 @@ DEFAULTS: dict[str, Any] = {
         "mc_dropout": {"num_members": 1, "dropout_p": 0.05},
         "bnn_vi": {"num_members": 1, "prior_std": 1.0, "posterior_rho_init": -5.0},
     },
+    "per_dataset": {
+        "concrete": {
+            "methods": {"bnn_vi": {"epoch_multiplier": 10}, "mc_dropout": {"epoch_multiplier": 10}}
+        },
+        "energy": {
+            "methods": {
+                "bnn_vi": {"epoch_multiplier": 10},
+                "deep_ensemble": {"epoch_multiplier": 10},
+                "mve": {"epoch_multiplier": 5},
+            }
+        },
+        "protein-tertiary-structure": {"lr": 0.003, "batch_size": 64},
+        "wine-quality-red": {"methods": {"bnn_vi": {"epoch_multiplier": 10}}},
+        "yacht": {
+            "methods": {
+                "bnn_vi": {"epoch_multiplier": 10},
+                "deep_ensemble": {"epoch_multiplier": 10},
+                "mc_dropout": {"epoch_multiplier": 10},
+            }
+        },
+    },
 }
+"""The hyperparameters of ``configs/uci/default.yaml``, used where that file is not at hand."""
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -124,7 +148,7 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"`--config` {path} must hold a mapping, got {type(loaded).__name__}")
-    unknown = set(loaded) - set(DEFAULTS) - {"per_dataset"}
+    unknown = set(loaded) - set(DEFAULTS)
     if unknown:
         raise ValueError(
             f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(DEFAULTS)}"
@@ -139,6 +163,12 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
                 config["methods"][method].update(options or {})
         else:
             config[key] = value
+    unknown = set(config.get("per_dataset") or {}) - set(UCI_DATASETS)
+    if unknown:
+        raise ValueError(
+            f"`--config` {path}: `per_dataset` has unknown data sets {sorted(unknown)}; "
+            f"known {', '.join(UCI_DATASETS)}"
+        )
     return config
 
 
@@ -274,6 +304,15 @@ def split_metrics(mean: Tensor, std: Tensor, target: Tensor) -> dict[str, float]
     }
 
 
+def original_units_metrics(mean: Tensor, std: Tensor, split: UCISplit) -> dict[str, float]:
+    """:func:`split_metrics` of a standardized prediction on ``split``'s test targets, in the
+    original units: ``mean * y_std + y_mean`` and ``std * y_std`` against the raw targets (so the
+    log-likelihood is the standardized one minus ``log(y_std)``).
+    """
+    target = torch.as_tensor(split.y_test * split.y_std + split.y_mean)
+    return split_metrics(mean * split.y_std + split.y_mean, std * split.y_std, target)
+
+
 def fit_dataset(
     root: str | Path,
     dataset: str,
@@ -281,6 +320,7 @@ def fit_dataset(
     splits: Sequence[int],
     config: dict[str, Any],
     epochs: int | None = None,
+    val_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train ``method`` on ``splits`` of ``dataset`` as one vectorized model; one row per split.
 
@@ -291,6 +331,9 @@ def fit_dataset(
         splits: split numbers.
         config: hyperparameters from :func:`load_config`.
         epochs: override the epochs (``n_epochs.txt`` times ``epoch_multiplier``).
+        val_fraction: for hyperparameter selection: train on the first part of each training
+            index file and report the metrics on its last ``val_fraction`` (Gal's protocol uses
+            0.2) instead of the test split.
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
@@ -302,7 +345,10 @@ def fit_dataset(
     generator = torch.Generator().manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
     torch.manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
 
-    data = [load_uci_split(root, dataset, int(k)) for k in splits]
+    data = [load_uci_split(root, dataset, int(k), val_fraction) for k in splits]
+    if val_fraction > 0:  # evaluate on the validation rows, never on the test split
+        for d in data:
+            d.x_test, d.y_test = d.x_val, d.y_val
     sizes = {len(d.y_train) for d in data}
     if len(sizes) != 1:
         raise ValueError(f"{dataset}: splits {list(splits)} have different training sizes {sizes}")
@@ -367,10 +413,8 @@ def fit_dataset(
     mean = predictive["pred"].reshape(num_splits, num_test)
     std = predictive["pred_uct"].reshape(num_splits, num_test)
     results = []
-    for k, d in zip(splits, data, strict=True):
-        i = list(splits).index(k)
-        y_test = torch.as_tensor(d.y_test * d.y_std + d.y_mean)
-        metrics = split_metrics(mean[i] * d.y_std + d.y_mean, std[i] * d.y_std, y_test)
+    for i, (k, d) in enumerate(zip(splits, data, strict=True)):
+        metrics = original_units_metrics(mean[i], std[i], d)
         results.append(
             {"dataset": dataset, "method": method, "split": int(k), **metrics,
              "fit_seconds": fit_seconds / num_splits, "epochs": num_epochs}
@@ -379,9 +423,9 @@ def fit_dataset(
 
 
 def _fit_task(args: tuple) -> list[dict[str, Any]]:
-    root, dataset, method, splits, config, epochs = args
+    root, dataset, method, splits, config, epochs, val_fraction = args
     torch.set_num_threads(int(config["threads"]))
-    return fit_dataset(root, dataset, method, splits, config, epochs)
+    return fit_dataset(root, dataset, method, splits, config, epochs, val_fraction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +485,37 @@ def markdown_table(results: Any, metric: str = "test_log_likelihood") -> str:
         best = np.nanmax(values) if higher_better else np.nanmin(values)
         cells = [f"**{text}**" if value == best else text for value, text in entries]
         lines.append("| " + " | ".join([dataset, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def metrics_table(results: Any) -> str:
+    """Markdown table of every metric of uq_box's methods (mean ± standard error over splits)."""
+    mean, se, count = summarize(results)
+    columns = [
+        ("test_crps", "CRPS", 3),
+        ("test_coverage_95", "95% coverage", 3),
+        ("test_miscalibration_area", "miscal. area", 3),
+        ("fit_seconds", "fit s / split", 2),
+    ]
+    head = "| dataset | method | splits | epochs | " + " | ".join(c[1] for c in columns) + " |"
+    lines = [head, "|" + "---|" * (4 + len(columns))]
+    epochs = results.groupby(["dataset", "method"], sort=False)["epochs"].first()
+    for dataset in [d for d in UCI_DATASETS if d in set(results["dataset"])]:
+        for method in [m for m in METHODS if m in set(results["method"])]:
+            key = (dataset, method)
+            if key not in mean.index:
+                continue
+            digits = {c: d for c, _, d in columns}
+            if dataset == "naval-propulsion-plant":
+                digits["test_crps"] = 5
+            cells = [_fmt(mean.loc[key, c], se.loc[key, c], digits[c]) for c, _, _ in columns[:-1]]
+            cells.append(f"{mean.loc[key, 'fit_seconds']:.2f}")  # the same for every split
+            n = int(count.loc[key, "test_rmse"])
+            lines.append(
+                f"| {dataset} | {METHOD_LABELS[method]} | {n} | {epochs.loc[key]} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -573,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="override the paper epochs")
     parser.add_argument("--output", default="uci_benchmark", help="folder for CSV, Markdown, plot")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: config)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.0,
+        help="tune on validation: train on the first part of each training index file and report "
+        "metrics on its last fraction (0.2 in Gal's code) instead of the test split",
+    )  # fmt: skip
     parser.add_argument("--download", action="store_true", help="download missing data into --root")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -587,6 +667,7 @@ def run_benchmark(
     epochs: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    val_fraction: float = 0.0,
 ) -> Any:
     """Every (data set, method) over the chosen splits; a DataFrame of one row per split."""
     import pandas as pd
@@ -604,7 +685,7 @@ def run_benchmark(
                 f"error: `--splits` {splits} selects no split of {dataset} (it has {n_splits})"
             )
         for method in methods:
-            tasks.append((str(root), dataset, method, chosen, config, epochs))
+            tasks.append((str(root), dataset, method, chosen, config, epochs, val_fraction))
     # the largest first, so that two workers finish together
     tasks.sort(key=lambda t: -_cost(t))
     rows: list[dict[str, Any]] = []
@@ -644,9 +725,10 @@ _SIZE = {
 
 
 def _cost(task: tuple) -> float:
-    _, dataset, method, chosen, config, _ = task
-    members = _dataset_options(config, dataset, method)["num_members"]
-    return _SIZE.get(dataset, 1000) * len(chosen) * (1 + 0.3 * members)
+    _, dataset, method, chosen, config, _, _ = task
+    options = _dataset_options(config, dataset, method)
+    cost = _SIZE.get(dataset, 1000) * len(chosen) * (1 + 0.3 * options["num_members"])
+    return cost * options["epoch_multiplier"] * (2 if method == "bnn_vi" else 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -668,8 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"config ({args.config or DEFAULT_CONFIG}):\n" + yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
     results = run_benchmark(
-        args.root, datasets, methods, splits, config, args.epochs, workers, not args.no_progress
-    )
+        args.root, datasets, methods, splits, config, args.epochs, workers, not args.no_progress,
+        args.val_fraction,
+    )  # fmt: skip
     wall = time.perf_counter() - start
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -685,6 +768,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Wall time: {wall:.1f} s ({workers} worker(s), {config['threads']} torch thread(s) each)",
             "## Test log-likelihood (higher is better)\n\n" + ll_table,
             "## Test RMSE (lower is better)\n\n" + rmse_table,
+            "## Other metrics of uq_box's methods (original units)\n\n"
+            "CRPS in the target's units; fit seconds are the vectorized fit time of all splits "
+            "(and members) of a data set and method, divided by the number of splits.\n\n"
+            + metrics_table(results),
             "## Target: some uq_box method >= deep ensembles paper LL - its SE\n\n" + check,
             "## Config\n\n```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```",
             f"![UCI results]({plot.name})",

