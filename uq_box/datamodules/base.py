@@ -65,7 +65,17 @@ class InMemoryLoader:
         shuffle: draw a new permutation every epoch (seeded by ``seed`` and the epoch count,
             so all processes agree on it).
         seed: seed of the permutations.
+
+    The epoch count is the number of passes so far, or what :meth:`set_epoch` says: Lightning's
+    loops call ``set_epoch(trainer.current_epoch)`` on a loader's ``sampler`` before every
+    training epoch (as for a ``DistributedSampler``), and ``sampler`` is the loader itself, so a
+    run resumed from a checkpoint draws the permutations of the uninterrupted run. The loader is
+    also stateful (:meth:`state_dict`, :meth:`load_state_dict`): a checkpoint taken mid-epoch
+    records how many batches of the epoch were drawn, and the resumed run skips them.
     """
+
+    #: Lightning reads ``batch_sampler`` next to ``sampler``; this loader has none.
+    batch_sampler = None
 
     def __init__(
         self, inputs: Tensor, targets: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
@@ -78,6 +88,28 @@ class InMemoryLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self._drawn = (0, 0)  # (epoch, batches) of the current pass
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
+
+    @property
+    def sampler(self) -> InMemoryLoader:
+        """The loader itself, where Lightning looks for ``set_epoch``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the permutation of epoch ``epoch`` in the next pass (and count on from there)."""
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass and the batches drawn from it so far."""
+        epoch, batches = self._drawn
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the batches a checkpoint's pass drew when that epoch's pass runs next."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        self._resume = (epoch, batches) if 0 < batches < len(self) else None
+        self.epoch = epoch + 1 if batches >= len(self) else epoch
 
     @property
     def num_samples(self) -> int:
@@ -107,15 +139,21 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         order = self._indices()
+        epoch, skip = self.epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
         self.epoch += 1
-        if order is None:
-            for start in range(0, self.num_samples, self.batch_size):
+        self._drawn = (epoch, skip)
+        length = self.num_samples if order is None else len(order)
+        for start in range(skip * self.batch_size, length, self.batch_size):
+            self._drawn = (epoch, self._drawn[1] + 1)
+            if order is None:
                 stop = start + self.batch_size
                 yield {"input": self.inputs[start:stop], "target": self.targets[start:stop]}
-            return
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield {"input": self.inputs[index], "target": self.targets[index]}
+            else:
+                index = order[start : start + self.batch_size]
+                yield {"input": self.inputs[index], "target": self.targets[index]}
 
 
 class ArrayDataModule(LightningDataModule):

@@ -70,7 +70,18 @@ def _read_ints(path: Path) -> np.ndarray:
             f"missing UCI file {path}; check `root` (expected <root>/<name>/{path.name}) or pass "
             f"download=True"
         )
-    return np.loadtxt(path, dtype=np.int64, ndmin=1)
+    return _loadtxt(path, dtype=np.int64, ndmin=1)
+
+
+def _loadtxt(path: Path, **kwargs: object) -> np.ndarray:
+    """``np.loadtxt`` with an error that names the file, ``root`` and the fix."""
+    try:
+        return np.loadtxt(path, **kwargs)
+    except ValueError as err:
+        raise ValueError(
+            f"UCI file {path} is corrupt ({err}); check the files under `root` or re-download "
+            f"them with download=True, which verifies their SHA-256 checksums"
+        ) from err
 
 
 def uci_info(root: str | Path, name: str) -> dict[str, int]:
@@ -112,7 +123,7 @@ def _load_data(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
             f"missing UCI file {path}; check `root` (expected <root>/<name>/data.txt) or pass "
             f"download=True"
         )
-    data = np.loadtxt(path, ndmin=2)
+    data = _loadtxt(path, ndmin=2)
     features = _read_ints(folder / "index_features.txt")
     target = int(_read_ints(folder / "index_target.txt")[0])
     return data, features, target

@@ -11,7 +11,7 @@ thin subclasses that share one constructor.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,6 +34,9 @@ from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, 
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
 LRSchedulerCallable = Callable[[Optimizer], Any]
+#: Checkpoint key of what a resumed fit needs beyond Lightning's state: the random generators'
+#: states and the running epoch sums (see ``UQMethod.on_train_start``).
+RESUME_STATE_KEY = "uq_box_resume_state"
 
 
 def positive_int(value: int, name: str) -> int:
@@ -117,6 +120,8 @@ class UQMethod(LightningModule):
     burnin_epochs: int = 0
     #: ``N`` given at construction by methods whose objective needs it (``None``: read it).
     _num_training_points_given: int | None = None
+    #: Whether floating point targets follow the inputs into the network's dtype (regression).
+    cast_targets: bool = True
 
     def __init__(
         self,
@@ -237,6 +242,39 @@ class UQMethod(LightningModule):
         """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
         self._num_training_points = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the random generators' states and the running sums of the epoch in progress."""
+        state: dict[str, Any] = {
+            "torch_rng": torch.get_rng_state(),
+            "running": {k: [v.detach().clone(), int(n)] for k, (v, n) in self._running.items()},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        checkpoint[RESUME_STATE_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's resume state for :meth:`on_train_start` (resuming only)."""
+        self._resume_state = checkpoint.get(RESUME_STATE_KEY)
+
+    def on_train_start(self) -> None:
+        """When resuming a fit (``ckpt_path``), restore the state saved with the checkpoint.
+
+        The random generators come back as they were when saved, so a resumed run draws the same
+        Monte Carlo noise (weight samples, dropout masks) as the uninterrupted run, and the running
+        sums of an epoch interrupted mid-way, so its logged means (and a mean-only network's noise
+        estimate, the training RMSE) cover the whole epoch. ``load_from_checkpoint`` alone, or a
+        new fit of a loaded model, leaves the generators alone.
+        """
+        state = getattr(self, "_resume_state", None)
+        self._resume_state = None
+        if state is None or self._trainer is None or self.trainer.ckpt_path is None:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for key, (total, count) in state["running"].items():
+            self._running[key] = [total.to(self.device), count]
+
     def forward(self, x: Tensor) -> Tensor:
         """The backbone's output (one sample for a stochastic network)."""
         return self.model(x)
@@ -285,7 +323,8 @@ class UQMethod(LightningModule):
         """Predictive distribution of a batch (or a bare input tensor), see DESIGN.md."""
         x, _ = unpack_batch(batch)
         with torch.no_grad(), eval_mode(self.model):
-            outputs = self.sample_outputs(x.to(self.device), self.num_mc_samples_test)
+            x = self._as_network_dtype(x.to(self.device))
+            outputs = self.sample_outputs(x, self.num_mc_samples_test)
             return self.predictive(outputs)
 
     def on_train_epoch_end(self) -> None:
@@ -293,8 +332,8 @@ class UQMethod(LightningModule):
         self._log_running("train")
 
     def on_validation_epoch_end(self) -> None:
-        """Log the validation terms and metrics."""
-        self._log_running("val")
+        """Log the validation terms and metrics (a metric's name wins over a term's)."""
+        self._log_running("val", skip=set(self.val_metrics))
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
@@ -308,7 +347,18 @@ class UQMethod(LightningModule):
             raise ValueError(
                 f"the {stage} batches carry no targets; expected {{'input', 'target'}}"
             )
-        return x, target
+        x = self._as_network_dtype(x)
+        return x, self._as_network_dtype(target) if self.cast_targets else target
+
+    def _as_network_dtype(self, tensor: Tensor) -> Tensor:
+        """Floating point data in the network's floating point dtype (float64 data, float32 net).
+
+        Integer data (class labels, token ids) are left as they are.
+        """
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            return tensor
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return tensor if param is None else tensor.to(param.dtype)
 
     def _accumulate(self, stage: str, terms: dict[str, Tensor], weight: int) -> None:
         for name, value in terms.items():
@@ -320,17 +370,26 @@ class UQMethod(LightningModule):
             else:
                 self._running[key] = [total, weight]
 
-    def _log_running(self, stage: str) -> None:
+    def _log_running(self, stage: str, skip: Collection[str] = ()) -> None:
+        # `skip`: names the stage's metrics log (e.g. `val_nll` is the predictive NLL, not the
+        # loss term); logging a name twice in one hook averages the two values, and under DDP
+        # (different `sync_dist`) it is an error
         values = {}
         for key in [k for k in self._running if k.startswith(f"{stage}_")]:
             total, count = self._running.pop(key)
             value = total / count
             if key.endswith("_mse"):
                 key, value = key[: -len("mse")] + "rmse", value.sqrt()
-            values[key] = value
+            if key[len(stage) + 1 :] not in skip:
+                values[key] = value
         if values:
+            if self._trainer is not None and self.trainer.world_size > 1:
+                # the means over all processes, for the log and `on_epoch_means` alike (a
+                # mean-only network's noise estimate must be the same on every process)
+                reduce = self.trainer.strategy.reduce
+                values = {k: reduce(v, reduce_op="mean") for k, v in values.items()}
             # one call: every self.log at epoch end costs a pass over Lightning's results
-            self.log_dict(values, sync_dist=True)
+            self.log_dict(values)
             self.on_epoch_means(stage, values)
 
     def _log_metrics(self, metrics: nn.ModuleDict, stage: str) -> None:
@@ -438,6 +497,8 @@ class ClassificationTask:
     """
 
     criterion: nn.Module
+    #: Class labels are checked, not cast (a float target is an error).
+    cast_targets = False
 
     def default_criterion(self) -> nn.Module:
         """Cross-entropy on the logits."""
@@ -472,6 +533,16 @@ class ClassificationTask:
                 f"classification targets must be integer class indices of shape "
                 f"{tuple(outputs.shape[1:-1])}, got {target.dtype} of shape {tuple(target.shape)}"
             )
+        num_classes = outputs.shape[-1]
+        if target.numel() and target.dtype != torch.bool:
+            low, high = (int(v) for v in torch.aminmax(target))
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"the network gives {num_classes} outputs (class logits) per point but the "
+                    f"targets hold class index {low if low < 0 else high}; expected class indices "
+                    f"in [0, {num_classes}): set the network's `n_outputs` (a CNN's `n_classes`) "
+                    f"to the number of classes"
+                )
 
     def data_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Criterion on the logits of all samples ``[S, B, C]``."""

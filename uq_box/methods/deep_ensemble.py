@@ -53,6 +53,9 @@ class DeepEnsemble(UQMethod):
         self.num_mc_samples_test = ensemble.num_members
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self.save_hyperparameters(ignore=["model", "criterion", "optimizer", "lr_scheduler"])
+        # the size actually stacked (also when given a list of members), so that
+        # load_from_checkpoint(path, model=<one fresh network>) rebuilds M members
+        self.hparams["num_members"] = self.num_members
 
     def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
         """Every member's output: ``[M, N, ...]`` (``num_samples`` is ignored)."""

@@ -23,7 +23,7 @@ A mean-only criterion such as :class:`uq_box.losses.MSE` is read as a negative l
 ``NLL(std=...)`` with a 1-output network, or a 2-output network with ``NLL()``.
 
 **Samples.** From epoch ``burnin_epochs`` on, the sampled parameters are copied after every
-``thinning``-th training step (training batch) into the buffer ``sgmcmc_samples``
+``thinning``-th training step (sampler step) into the buffer ``sgmcmc_samples``
 ``[max_num_samples, P]``, a ring that keeps the last ``max_num_samples``; ``sgmcmc_num_collected``
 counts them all and ``sgmcmc_num_steps`` the training steps since burn-in (so thinning keeps its
 phase across a checkpoint resume). They are registered buffers: they follow the module's device
@@ -53,6 +53,7 @@ Choices:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -237,7 +238,23 @@ class SGMCMC(ParameterSampling):
         """Log ``U / N`` and return ``U`` (summed over the data), the sampler's target."""
         return super().training_step(batch, batch_idx) * self.num_training_points
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """The sampler's step, then (after burn-in) the sample of every ``thinning``-th step.
+
+        Collected here rather than in ``on_train_batch_end``, which runs after the callbacks'
+        (``ModelCheckpoint(every_n_train_steps=...)``): a checkpoint taken after a step holds
+        that step's sample and step count, so a resumed run keeps the samples and their phase.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._after_sampler_step()
+
+    def _after_sampler_step(self) -> None:
         """After burn-in, keep the parameters after every ``thinning``-th step."""
         if self.current_epoch < self.burnin_epochs:
             return
