@@ -183,7 +183,6 @@ def quiet(**extra):
     )
 
 
-@pytest.mark.slow
 def test_ddp_mean_only_noise_estimate_agrees_across_processes(ddp_run):
     out, _ = ddp_run
     ranks = [json.loads((out / f"deterministic_rank{r}.json").read_text()) for r in (0, 1)]
@@ -192,7 +191,6 @@ def test_ddp_mean_only_noise_estimate_agrees_across_processes(ddp_run):
     assert ranks[0]["test_metrics"] == ranks[1]["test_metrics"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bnn_vi", "mc_dropout", "deep_ensemble"])
 def test_ddp_two_processes(name, ddp_run):
     out, setup = ddp_run
