@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse a virtual environment and install uq_box into it.
 #   bash scripts/setup.sh            .venv: torch 2.13.0 (CPU build) first, so pip never resolves
-#                                    torch to a multi-GB CUDA build; then uq_box[dev].
+#                                    torch to a multi-GB CUDA build; then uq_box[dev,pyro,docs].
 #   bash scripts/setup.sh --laplace  .venv-laplace: torch 2.14.1 + torchvision 0.29.1 first
 #                                    (laplace-torch needs torchvision), then uq_box[dev,laplace].
 set -euo pipefail
@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 if [ "${1:-}" = "--laplace" ]; then
     venv=.venv-laplace torch_pins="torch==2.14.1 torchvision==0.29.1" extras="dev,laplace"
 else
-    venv=.venv torch_pins="torch==2.13.0" extras="dev"
+    venv=.venv torch_pins="torch==2.13.0" extras="dev,pyro,docs"
 fi
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"

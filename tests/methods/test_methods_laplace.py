@@ -10,6 +10,7 @@
 """
 
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -372,6 +373,54 @@ def test_unfitted_predicts_map_with_warning_and_refuses_tuning():
     assert (preds["epistemic_uct"] == 0).all()
     with pytest.raises(RuntimeError, match="fit_laplace"):
         method.tune_prior_precision()
+
+
+@pytest.mark.parametrize(
+    ("method_cls", "subset", "structure"),
+    [
+        (LaplaceRegression, "last_layer", "kron"),
+        (LaplaceRegression, "all", "diag"),
+        (LaplaceClassification, "last_layer", "kron"),
+        (LaplaceClassification, "all", "full"),
+    ],
+)
+def test_checkpoint_carries_the_laplace_approximation(method_cls, subset, structure, tmp_path):
+    seed_everything(0)
+    if method_cls is LaplaceRegression:
+        x, y = two_interval_data(n=64)
+        dm = ArrayDataModule(x, y, batch_size=32)
+        net = partial(MLP, 1, [8], 1)
+        x_new = torch.linspace(-6.0, 6.0, 13).unsqueeze(-1)
+    else:
+        dm = TwoMoonsDatamodule(n_points=128, noise=0.1, batch_size=32)
+        net = partial(MLP, 2, [8], 2)
+        x_new = torch.randn(13, 2, generator=torch.Generator().manual_seed(1))
+    method = method_cls(
+        net(), optimizer=OPTIMIZER, subset_of_weights=subset, hessian_structure=structure
+    )
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(method, dm)
+    path = tmp_path / "laplace.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = method_cls.load_from_checkpoint(path, model=net(), weights_only=True)
+    assert type(loaded.la).__name__ == type(method.la).__name__
+    torch.testing.assert_close(loaded.la.prior_precision, method.la.prior_precision)
+    torch.testing.assert_close(loaded.la.sigma_noise, method.la.sigma_noise)
+    torch.manual_seed(2)
+    expected = method.predict_step(x_new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the MAP network
+        torch.manual_seed(2)
+        got = loaded.predict_step(x_new)
+    keys = ("pred", "pred_uct", "epistemic_uct", "aleatoric_uct")
+    if method_cls is LaplaceClassification:
+        keys += ("logits",)
+    for key in keys:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert (got["epistemic_uct"] > 0).any()
+    # a checkpoint saved before the Laplace fit still loads, without an approximation
+    loaded.on_load_checkpoint({"state_dict": loaded.state_dict()})
+    assert loaded.la is None
 
 
 def test_train_loader_from_batches_pairs_and_datamodules():

@@ -160,14 +160,18 @@ class ArrayDataModule(LightningDataModule):
     """Wrap arrays or tensors into a data module, so any method trains on a user's data.
 
     Args:
-        X_train, y_train: training inputs ``[N, ...]`` and targets ``[N]`` or ``[N, ...]``.
-        X_val, y_val: optional validation split.
-        X_test, y_test: optional test split.
+        X_train: training inputs ``[N, ...]``.
+        y_train: training targets ``[N]`` or ``[N, ...]``.
+        X_val: optional validation inputs.
+        y_val: optional validation targets.
+        X_test: optional test inputs.
+        y_test: optional test targets.
         batch_size: training batch size.
         eval_batch_size: batch size of the validation, test, calibration and predict loaders.
         seed: seed of the training shuffle.
-        X_calib, y_calib: optional calibration split, held out from training and validation for
+        X_calib: optional calibration inputs, held out from training and validation for
             post-hoc calibration (e.g. :class:`uq_box.methods.posthoc.ConformalRegression`).
+        y_calib: optional calibration targets.
     """
 
     splits = ("train", "val", "test", "calib")

@@ -34,7 +34,8 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         n_points: points of the training and validation splits together.
         val_fraction: share of ``n_points`` held out for validation.
         n_test: independent test points.
-        x_min, x_max: input range of the data.
+        x_min: lower end of the input range of the data.
+        x_max: upper end of the input range of the data.
         extension: how far the ground-truth grid reaches past the data range on each side.
         n_gt: points on the ground-truth grid.
         batch_size: training batch size.
@@ -129,12 +130,14 @@ class ToyGapDatamodule(ArrayDataModule):
 
     Args:
         n_points: training (and validation) points, split evenly between the two intervals.
-        left, right: the two intervals holding the data, ``left`` below ``right``.
+        left: the interval ``(low, high)`` holding the left half of the data.
+        right: the interval holding the right half of the data, above ``left``.
         noise_std: standard deviation of the noise.
         val_fraction: share of the points held out at random for validation (0: none, as in
             the tutorial).
         n_test: test points across ``[x_min, x_max]``.
-        x_min, x_max: range of the test points and the ground-truth grid.
+        x_min: lower end of the range of the test points and the ground-truth grid.
+        x_max: upper end of that range.
         n_gt: points on the ground-truth grid.
         n_gap: new observations in the gap.
         batch_size: training batch size.

@@ -41,16 +41,18 @@ Choices (see :class:`Laplace`):
   the data (two moons: test NLL 0.047 against 0.0075 for Monte Carlo and 0.0054 for the MAP
   network, all at accuracy 0.998).
 - **Before the Laplace fit** (validation epochs during training, or a model loaded from a
-  checkpoint) predictions are the MAP network's: no epistemic part; regression takes its
-  aleatoric std from the training RMSE like :class:`uq_box.methods.DeterministicRegression`.
+  checkpoint saved before the fit) predictions are the MAP network's: no epistemic part;
+  regression takes its aleatoric std from the training RMSE like
+  :class:`uq_box.methods.DeterministicRegression`.
   A prediction outside training warns when no Laplace approximation is fitted.
 - **State.** laplace-torch's object is not an ``nn.Module``; it lives in the attribute ``la`` with
   its own copy of the network on the device it was fitted on (laplace-torch copies the network
   for last-layer Laplace; this class copies it for ``"all"``, so the method's own network is never
   changed). Inputs are moved to that device and the predictions back, so a model fitted on a GPU
-  predicts on CPU inputs and vice versa. ``la`` is not saved in checkpoints: call
-  :meth:`Laplace.fit_laplace` again after loading one. Training again (another ``fit``) drops
-  ``la`` and fits a new one at the end.
+  predicts on CPU inputs and vice versa. Checkpoints carry ``la.state_dict()`` (tensors and
+  plain values, so ``weights_only=True`` loading works): loading one rebuilds ``la`` around the
+  checkpoint's weights, on the device the weights are loaded to. Training again (another
+  ``fit``) drops ``la`` and fits a new one at the end.
 
 laplace-torch is imported lazily, so this module imports without it; constructing a method
 without it raises an ``ImportError`` naming the extra.
@@ -63,6 +65,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable
+from enum import Enum
 from typing import Any
 
 import torch
@@ -94,6 +97,9 @@ FIT_BATCH_SIZE = 256
 """Points per batch of the curvature pass over the training data."""
 PREDICT_CHUNK = 1024
 """Points per laplace-torch predictive call (bounds the Jacobians' memory)."""
+
+CHECKPOINT_KEY = "laplace_state"
+"""Checkpoint entry of the fitted approximation's ``state_dict()``."""
 
 INSTALL_HINT = (
     "install torch and torchvision first (laplace-torch needs torchvision), then "
@@ -182,6 +188,32 @@ def laplace_train_loader(data: Any, batch_size: int = FIT_BATCH_SIZE) -> DataLoa
         f"the Laplace training data must be a data module, a DataLoader, an iterable of "
         f"batches or an (X, y) pair of tensors, got {type(data).__name__}"
     )
+
+
+def _plain_state(value: Any) -> Any:
+    """laplace-torch's state as tensors and plain containers (``weights_only`` loading).
+
+    Enum members (laplace-torch's ``Likelihood``) become their values; tensors are detached.
+    """
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {key: _plain_state(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_plain_state(item) for item in value)
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
 
 
 class Laplace(UQMethod):
@@ -321,19 +353,8 @@ class Laplace(UQMethod):
         with torch.no_grad(), eval_mode(self.model):
             outputs = self.model(x[:2].to(device)).unsqueeze(0)
         self.check_fit_batch(outputs, y[:2].to(device))
-        # laplace-torch copies the network for last-layer Laplace; for all weights we copy it,
-        # so that sampled weights never touch ours and `la` keeps its own device.
-        network = (
-            self.model if self.subset_of_weights == "last_layer" else copy.deepcopy(self.model)
-        )
         with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad():
-            la = laplace.Laplace(
-                network,
-                self.likelihood,
-                subset_of_weights=self.subset_of_weights,
-                hessian_structure=self.hessian_structure,
-                prior_precision=self.prior_precision,
-            )
+            la = self.new_laplace(laplace)
             la.fit(loader)
         self.la = la
         self._warned_unfitted = False
@@ -341,6 +362,51 @@ class Laplace(UQMethod):
         if self.optimize_prior_precision == "marglik":
             self.tune_prior_precision()
         return la
+
+    def new_laplace(self, laplace: Any) -> Any:
+        """laplace-torch's (unfitted) approximation around the current network.
+
+        laplace-torch copies the network for last-layer Laplace; for all weights we copy it, so
+        that sampled weights never touch ours and ``la`` keeps its own device.
+        """
+        network = (
+            self.model if self.subset_of_weights == "last_layer" else copy.deepcopy(self.model)
+        )
+        return laplace.Laplace(
+            network,
+            self.likelihood,
+            subset_of_weights=self.subset_of_weights,
+            hessian_structure=self.hessian_structure,
+            prior_precision=self.prior_precision,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the fitted approximation (``la.state_dict()``, tensors and plain values)."""
+        if self.la is None:
+            return
+        state = _plain_state(self.la.state_dict())
+        data = state.get("data")
+        if isinstance(data, tuple | list):
+            # last-layer Laplace keeps a training batch only to find the last layer (on 1 row)
+            state["data"] = type(data)(d[:1] if isinstance(d, Tensor) else d for d in data)
+        checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild ``la`` around the checkpoint's weights and load its saved state."""
+        self.la = None
+        self._warned_unfitted = False
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        laplace = import_laplace(type(self).__name__)
+        # Lightning loads the weights only after this hook; `la` copies the network now
+        self.load_state_dict(checkpoint["state_dict"], strict=False)
+        device = next(self.model.parameters()).device
+        state = _to_device(state, device)
+        with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad():
+            la = self.new_laplace(laplace)
+            la.load_state_dict(state)
+        self.la = la
 
     def _require_la(self) -> Any:
         if self.la is None:
@@ -405,8 +471,8 @@ class Laplace(UQMethod):
         if not fitting and not self._warned_unfitted:
             self._warned_unfitted = True
             warnings.warn(
-                f"{type(self).__name__} has no Laplace approximation (after loading a "
-                f"checkpoint call fit_laplace(train_data)); predicting with the MAP network, "
+                f"{type(self).__name__} has no Laplace approximation (call "
+                f"fit_laplace(train_data)); predicting with the MAP network, "
                 f"without epistemic uncertainty",
                 stacklevel=3,
             )

@@ -67,7 +67,11 @@ class Linear(BayesianLinear):
     """Bayesian ``nn.Linear(in_features, out_features, bias=True, device=None, dtype=None)``.
 
     Args:
-        in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
+        in_features: as ``torch.nn.Linear``.
+        out_features: as ``torch.nn.Linear``.
+        bias: as ``torch.nn.Linear``.
+        device: as ``torch.nn.Linear``.
+        dtype: as ``torch.nn.Linear``.
         prior: prior of the weights and biases, a ``torch.distributions`` object (default
             ``Normal(0, 1)``); a number is the scale of a zero-mean Normal.
         posterior: the posterior family; only ``Normal`` (mean-field Gaussian).

@@ -224,7 +224,9 @@ class BayesianLinear(_BayesianLayer):
     """Mean-field Gaussian ``nn.Linear``.
 
     Args:
-        in_features, out_features, bias: as ``nn.Linear``.
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear``.
+        bias: as ``nn.Linear``.
         prior: prior of every weight and bias (default ``Normal(0, 1)``); a number is the scale of
             a zero-mean Normal.
         posterior_rho_init: initial ``rho``; ``sigma = softplus(rho)`` (-5 gives 0.0067).

@@ -30,7 +30,8 @@ class ScaleMixtureNormal(Distribution):
 
     Args:
         pi: weight of the first component, in ``[0, 1]``.
-        sigma1, sigma2: standard deviations of the two components, positive.
+        sigma1: standard deviation of the first component, positive.
+        sigma2: standard deviation of the second component, positive.
     """
 
     arg_constraints = {
@@ -212,7 +213,8 @@ def mean_field_kl(
     Networks", eq. 2).
 
     Args:
-        mu, sigma: posterior means and standard deviations, any shape.
+        mu: posterior means, any shape.
+        sigma: posterior standard deviations, the shape of ``mu``.
         prior: distribution broadcastable to ``mu``.
         num_mc_samples: samples of the Monte Carlo estimate.
 
