@@ -7,6 +7,7 @@ from uq_box.viz.classification import (
     plot_uncertainty_vs_rotation,
 )
 from uq_box.viz.comparison import plot_predictions_comparison
+from uq_box.viz.mcmc import plot_traces
 from uq_box.viz.regression import (
     plot_calibration,
     plot_predictions_regression,
@@ -25,6 +26,7 @@ __all__ = [
     "plot_rotated_examples",
     "plot_toy_regression_data",
     "plot_training_metrics",
+    "plot_traces",
     "plot_uncertainty_vs_rotation",
     "plot_weight_histograms",
 ]
