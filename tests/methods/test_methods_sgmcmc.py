@@ -93,7 +93,9 @@ def test_samples_are_the_parameters_after_every_thinning_th_step(fitted_small):
     collected = after_burnin[1::2]  # steps 2, 4, 6, 8 after burn-in
     assert method.num_collected == 4 and int(method.sgmcmc_num_steps) == 9
     assert method.num_samples == 3 and method.sgmcmc_samples.shape == (3, 8 + 8 + 16 + 2)
-    torch.testing.assert_close(method.samples, torch.stack(collected[-3:]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        method.samples, torch.stack(collected[-3:]).to(method.samples.device), rtol=0, atol=0
+    )
     # the ring stores the newest in the oldest slot; prediction with all uses storage order
     torch.testing.assert_close(method.sample_parameters(), method.sgmcmc_samples, rtol=0, atol=0)
     # the chain moves: the test is not vacuous

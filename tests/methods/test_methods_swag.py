@@ -76,7 +76,7 @@ def test_moments_equal_averages_of_recorded_snapshots(fitted_small):
     method, _, recorder = fitted_small
     assert recorder.epochs == list(range(9))
     assert method.parameter_names == [name for name, _ in method.model.named_parameters()]
-    thetas = torch.stack(recorder.thetas[2:])  # epochs 2..8
+    thetas = torch.stack(recorder.thetas[2:]).to(method.swag_mean.device)  # epochs 2..8
     assert method.num_snapshots == 7 and int(method.swag_num_snapshots) == 7
     torch.testing.assert_close(method.swag_mean, thetas.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(method.swag_sq_mean, (thetas**2).mean(0), rtol=0, atol=1e-6)
