@@ -11,14 +11,6 @@ from torch.distributions import Normal
 from uq_box.losses import MSE, NLL, elbo_loss, gaussian_nll, softplus_std
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_nll_heteroscedastic_matches_torch_normal_log_prob():
     seed_everything(0)
     outputs = torch.randn(7, 13, 2, dtype=torch.float64) * 2.0  # [S, N, (mean, scale)]

@@ -31,14 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 EPOCHS = 150  # the seed program's own setting; at 60 epochs the extrapolation check is flaky
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory):
     """The seed program, unchanged but for quiet Trainer flags; returns what it computed."""

@@ -29,14 +29,6 @@ C = torch.tensor([2.0, 6.0, 20.0], dtype=torch.float64)  # X^T X = diag(C)
 W_TRUE = torch.tensor([2.0, -1.5, 0.8], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def trainer_kwargs(**extra):
     return dict(
         logger=False,

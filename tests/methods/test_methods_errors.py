@@ -11,14 +11,6 @@ from uq_box.methods import BNNVIRegression
 from uq_box.models import MLP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def trainer(**extra):
     return Trainer(
         logger=False,

@@ -70,6 +70,15 @@ class ParameterSampling(UQMethod):
         """Whether prediction can draw samples yet."""
         raise NotImplementedError
 
+    def no_samples_message(self) -> str:
+        """Why there is no sample yet and what to do (the error of :meth:`check_samples`)."""
+        raise NotImplementedError
+
+    def check_samples(self) -> None:
+        """Fail clearly when prediction is asked for before any sample exists."""
+        if not self.has_samples:
+            raise RuntimeError(self.no_samples_message())
+
     def sample_parameters(self, num_samples: int | None) -> Tensor:
         """``S`` flat parameter vectors ``[S, P]``."""
         raise NotImplementedError

@@ -182,20 +182,19 @@ class SGMCMC(ParameterSampling):
         """Whether a sample was kept."""
         return self.num_samples > 0
 
-    def _check_samples(self) -> None:
-        if self.num_samples == 0:
-            raise RuntimeError(
-                f"SG-MCMC has no sample yet: samples are kept every `thinning`={self.thinning} "
-                f"training steps from epoch `burnin_epochs`={self.burnin_epochs} on, so train for "
-                f"more than `burnin_epochs` epochs (trainer `max_epochs`) before predicting"
-            )
+    def no_samples_message(self) -> str:
+        return (
+            f"SG-MCMC has no sample yet: samples are kept every `thinning`={self.thinning} "
+            f"training steps from epoch `burnin_epochs`={self.burnin_epochs} on, so train for "
+            f"more than `burnin_epochs` epochs (trainer `max_epochs`) before predicting"
+        )
 
     def sample_parameters(self, num_samples: int | None = None) -> Tensor:
         """Kept samples ``[S, P]``: all of them (in storage order) when ``num_samples`` is
         ``None`` or at least ``num_samples``, else ``S = num_samples`` evenly spaced from the
         oldest to the newest.
         """
-        self._check_samples()
+        self.check_samples()
         count = self.num_samples
         if num_samples is None or num_samples >= count:
             return self.sgmcmc_samples[:count]

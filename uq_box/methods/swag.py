@@ -165,13 +165,12 @@ class SWAG(ParameterSampling):
         """Whether a snapshot was taken."""
         return self.num_snapshots > 0
 
-    def _check_snapshots(self) -> None:
-        if self.num_snapshots == 0:
-            raise RuntimeError(
-                f"SWAG has no snapshot yet: snapshots are taken at the end of every training "
-                f"epoch from epoch `burnin_epochs`={self.burnin_epochs} on, so train for more "
-                f"than `burnin_epochs` epochs (trainer `max_epochs`) before predicting"
-            )
+    def no_samples_message(self) -> str:
+        return (
+            f"SWAG has no snapshot yet: snapshots are taken at the end of every training "
+            f"epoch from epoch `burnin_epochs`={self.burnin_epochs} on, so train for more "
+            f"than `burnin_epochs` epochs (trainer `max_epochs`) before predicting"
+        )
 
     @torch.no_grad()
     def sample_parameters(
@@ -186,7 +185,7 @@ class SWAG(ParameterSampling):
             num_samples: ``S``.
             generator: source of the standard normal noise (the global one when ``None``).
         """
-        self._check_snapshots()
+        self.check_samples()
         positive_int(num_samples, "num_samples")
         mean = self.swag_mean
         like = {"dtype": mean.dtype, "device": mean.device, "generator": generator}
@@ -200,7 +199,7 @@ class SWAG(ParameterSampling):
 
     def swa_parameters(self) -> dict[str, Tensor]:
         """The SWA means of the chosen parameters, by name."""
-        self._check_snapshots()
+        self.check_samples()
         return self.unflatten(self.swag_mean.clone())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
