@@ -98,11 +98,8 @@ def test_mc_dropout_inside_sampling_drops_in_eval_mode(p):
     layer = MCDropout(p).eval()
     num_samples, n, d = 20, 50, 40
     x = torch.rand(n, d) + 0.5  # no zeros of its own
-    with mc_sampling(num_samples) as state:
-        out = layer(x)
-    assert state.folded
-    assert out.shape == (num_samples * n, d)
-    out = out.reshape(num_samples, n, d)
+    out = sample_forward(layer, x, num_samples)
+    assert out.shape == (num_samples, n, d)
     zeros = out == 0
     total = zeros.numel()
     rate = zeros.float().mean().item()

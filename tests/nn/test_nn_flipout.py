@@ -195,10 +195,9 @@ def test_flipout_in_sample_forward_shapes_and_gradients():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    # the first Bayesian layer folds the batch
+    # inside mc_sampling the layers take and give folded batches [S * N, ...]
     with mc_sampling(2) as state:
-        model[0](x)
-        assert state.folded
+        assert model[0](state.fold(x)).shape == (10, 4, 8, 8)
 
 
 def test_flipout_without_bias_and_zero_variance_is_the_mean():

@@ -76,6 +76,7 @@ class CNN(nn.Module):
             nn.Dropout(dropout_p),
             nn.Linear(hidden, n_classes),
         ]
+        self.as_images = ImageInput((in_channels, image_size, image_size))
         self.model = nn.Sequential(*layers)
         self.in_channels = in_channels
         self.image_size = image_size
@@ -84,12 +85,30 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, C, H, W]`` (or flattened ``[N, C * H * W]``) ``-> [N, n_classes]`` logits."""
-        if x.ndim == 2:
-            shape = (self.in_channels, self.image_size, self.image_size)
-            if x.shape[1] != shape[0] * shape[1] * shape[2]:
-                raise ValueError(
-                    f"flattened input has {x.shape[1]} features; expected "
-                    f"{shape[0] * shape[1] * shape[2]} (images {list(shape)})"
-                )
-            x = x.reshape(x.shape[0], *shape)
-        return self.model(x)
+        return self.model(self.as_images(x))
+
+
+class ImageInput(nn.Module):
+    """Images ``[N, C, H, W]`` as they are, flattened images ``[N, C * H * W]`` reshaped.
+
+    Args:
+        shape: ``(C, H, W)``.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2:
+            return x
+        numel = self.shape[0] * self.shape[1] * self.shape[2]
+        if x.shape[1] != numel:
+            raise ValueError(
+                f"flattened input has {x.shape[1]} features; expected {numel} (images "
+                f"{list(self.shape)})"
+            )
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"

@@ -19,6 +19,9 @@ from uq_box.nn.layers import (
     BayesianConv1d,
     BayesianConv2d,
     BayesianConv3d,
+    BayesianConvTranspose1d,
+    BayesianConvTranspose2d,
+    BayesianConvTranspose3d,
     BayesianLinear,
     _BayesianLayer,
 )
@@ -28,8 +31,29 @@ CONVERSIONS: dict[type[nn.Module], type[_BayesianLayer]] = {
     nn.Conv1d: BayesianConv1d,
     nn.Conv2d: BayesianConv2d,
     nn.Conv3d: BayesianConv3d,
+    nn.ConvTranspose1d: BayesianConvTranspose1d,
+    nn.ConvTranspose2d: BayesianConvTranspose2d,
+    nn.ConvTranspose3d: BayesianConvTranspose3d,
 }
 """Layer types that can become Bayesian (exact types: a subclass may change ``forward``)."""
+
+REFUSALS: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: (
+        "nn.MultiheadAttention passes its projection weights straight to "
+        "F.multi_head_attention_forward, so they cannot be replaced by sampled ones; make the "
+        "feed-forward Linear layers of the block (e.g. 'linear1', 'linear2') or the head Bayesian"
+    ),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: (
+        "it is the output projection of an nn.MultiheadAttention, whose weight the attention "
+        "reads directly; make the feed-forward Linear layers of the block or the head Bayesian"
+    ),
+    nn.RNNBase: (
+        "recurrent layers (nn.LSTM, nn.GRU, nn.RNN) are not supported: their weights go to a "
+        "fused kernel and their batch may sit in dimension 1; make the Linear layers after the "
+        "recurrent one Bayesian (or use MC dropout / deep ensembles for the whole network)"
+    ),
+}
+"""Layer types that are refused with the reason (matched with ``isinstance``)."""
 
 StochasticModuleNames = Sequence[int] | Sequence[str] | None
 
@@ -136,6 +160,12 @@ def select_modules(model: nn.Module, stochastic_module_names: StochasticModuleNa
         module = modules[name]
         if isinstance(module, _BayesianLayer):
             raise ValueError(f"`stochastic_module_names`: layer {name!r} is Bayesian already")
+        reason = next((r for t, r in REFUSALS.items() if isinstance(module, t)), None)
+        if reason is not None and type(module) not in CONVERSIONS:
+            raise ValueError(
+                f"`stochastic_module_names`: layer {name!r} ({type(module).__name__}) cannot be "
+                f"made Bayesian: {reason}"
+            )
         if type(module) not in CONVERSIONS:
             raise ValueError(
                 f"`stochastic_module_names`: layer {name!r} is a {type(module).__name__}, which "
@@ -158,7 +188,8 @@ def to_bayesian(
     keep_weights: bool = True,
     num_kl_samples: int = 1,
 ) -> nn.Module:
-    """Replace the chosen ``nn.Linear``/``nn.Conv*d`` layers by mean-field Gaussian ones, in place.
+    """Replace the chosen ``nn.Linear``/``nn.Conv*d``/``nn.ConvTranspose*d`` layers by mean-field
+    Gaussian ones, in place.
 
     All choices are checked before anything changes, so an error leaves ``model`` as it was. A
     layer used in several places becomes one Bayesian layer used in the same places.
@@ -190,7 +221,25 @@ def to_bayesian(
         for child_name, child in list(parent._modules.items()):  # named_children skips repeats
             if id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
+    disable_native_fast_paths(model)
     return model
+
+
+def disable_native_fast_paths(model: nn.Module) -> None:
+    """Keep transformer blocks that hold Bayesian layers on their Python path.
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``
+    with a padding mask) run one fused kernel that reads ``linear1.weight`` and friends directly,
+    which would skip the sampled weights. The layers' own switches turn it off: the encoder
+    layer's ``activation_relu_or_gelu`` flag (read only by the fast-path checks; the Python path
+    calls ``activation`` itself) and the encoder's ``use_nested_tensor``.
+    """
+    for module in model.modules():
+        holds = any(isinstance(m, _BayesianLayer) for m in module.modules())
+        if isinstance(module, nn.TransformerEncoderLayer) and holds:
+            module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder) and holds:
+            module.use_nested_tensor = False
 
 
 def _convert_layer(
@@ -203,6 +252,17 @@ def _convert_layer(
 ) -> _BayesianLayer:
     if isinstance(old, nn.Linear):
         layer_args = dict(in_features=old.in_features, out_features=old.out_features)
+    elif isinstance(old, nn.modules.conv._ConvTransposeNd):
+        layer_args = dict(
+            in_channels=old.in_channels,
+            out_channels=old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            output_padding=old.output_padding,
+            dilation=old.dilation,
+            groups=old.groups,
+        )
     else:
         layer_args = dict(
             in_channels=old.in_channels,

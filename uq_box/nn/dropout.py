@@ -5,25 +5,26 @@ from __future__ import annotations
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from uq_box.nn.sampling import current_mc_state
+from uq_box.nn.sampling import SamplingModule, current_mc_state
 
 
-class MCDropout(nn.Dropout):
+class MCDropout(nn.Dropout, SamplingModule):
     """``nn.Dropout`` that stays active inside :func:`~uq_box.nn.sampling.mc_sampling`.
 
     Outside the context it is plain dropout (active in train mode only). Inside, it always drops,
     whatever the module's mode, so BatchNorm and other layers can stay in eval mode while the
-    masks are sampled. The first stochastic layer a forward pass meets folds the batch into
-    ``[S * N, ...]``: the layers before it run once.
+    masks are sampled. Given a plain batch ``[N, ...]`` it folds it into ``[S * N, ...]``, so the
+    layers before it run once (see :func:`~uq_box.nn.sample_forward`).
     """
 
     def forward(self, x: Tensor) -> Tensor:
         state = current_mc_state()
         if state is None:
             return super().forward(x)
-        if not state.folded:
-            x = x.unsqueeze(0).expand(state.num_samples, *x.shape).flatten(0, 1)
-            state.folded = True
+        if state.input_folded:
+            state.check_folded(x, self)
+        else:
+            x = state.fold(x)
         return F.dropout(x, self.p, training=True, inplace=False)
 
 

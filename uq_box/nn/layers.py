@@ -23,7 +23,7 @@ al. 2015, "Weight Uncertainty in Neural Networks"). Three gradient estimators:
 
 Inside :func:`~uq_box.nn.sampling.mc_sampling`, a ``noise_fn`` is asked for ``"weight"`` and
 ``"bias"`` noise of the parameter shapes with a leading ``S`` (``"reparameterization"``), for
-``"output"`` noise (``"local"``), or for ``"weight"`` ``[S, *weight_shape]`` and ``"bias"``,
+``"output"`` noise ``[S, N, *output_shape]`` (``"local"``, whether the input is folded or not), or for ``"weight"`` ``[S, *weight_shape]`` and ``"bias"``,
 ``"sign_in"``, ``"sign_out"`` ``[R, features]`` with ``R = S * N`` the rows of the folded batch
 (``"flipout"``; the signs are the signs of that noise).
 """
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from uq_box.nn.priors import Prior
-from uq_box.nn.sampling import MCState, current_mc_state
+from uq_box.nn.sampling import MCState, SamplingModule, current_mc_state
 
 ESTIMATORS = ("reparameterization", "local", "flipout")
 
@@ -54,7 +54,7 @@ class BayesianModule(nn.Module):
         return kl_divergence(self)
 
 
-class _BayesianLayer(BayesianModule):
+class _BayesianLayer(BayesianModule, SamplingModule):
     """Shared parameters, sampling and KL of the Bayesian linear and convolution layers."""
 
     def __init__(
@@ -175,9 +175,8 @@ class _BayesianLayer(BayesianModule):
             num_samples = state.num_samples
             eps = state.noise(self, "weight", (num_samples, *self.weight_mu.shape), self.weight_mu)
             delta = self.weight_sigma * eps
-            if not state.folded:  # one copy of the batch per weight sample: [S * N, ...]
-                mean = mean.unsqueeze(0).expand(num_samples, *mean.shape).flatten(0, 1)
-                x = x.unsqueeze(0).expand(num_samples, *x.shape).flatten(0, 1)
+            if not state.input_folded:  # one copy of the batch per weight sample: [S * N, ...]
+                mean, x = state.fold(mean), state.fold(x)
             rows = x.shape[0]
             signs_in = state.noise(self, "sign_in", (rows, in_features), x).sign()
             signs_out = state.noise(self, "sign_out", (rows, out_features), x).sign()
@@ -187,7 +186,6 @@ class _BayesianLayer(BayesianModule):
             bias_eps = None
             if self.bias_mu is not None:
                 bias_eps = state.noise(self, "bias", (rows, out_features), x)
-            state.folded = True
         out = mean + perturbation * self._per_row(signs_out, mean.ndim)
         if bias_eps is not None:
             bias = self.bias_mu + self.bias_sigma * bias_eps
@@ -195,29 +193,36 @@ class _BayesianLayer(BayesianModule):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        """One weight sample per call, or ``S`` of them inside ``mc_sampling`` (folded batch)."""
+        """One weight sample per call, or ``S`` of them inside ``mc_sampling`` (folded output)."""
         state = current_mc_state()
+        if state is not None and state.input_folded:
+            state.check_folded(x, self)
         if self.estimator == "flipout":
             return self._flipout(x, state)
         if self.estimator == "local":
-            mean = self._apply_mean(x, self.weight_mu, self.bias_mu)
-            bias_var = None if self.bias_mu is None else self.bias_sigma**2
-            var = self._apply_mean(x * x, self.weight_sigma**2, bias_var)
-            std = var.clamp_min(1e-16).sqrt()
-            if state is None:
-                return mean + std * torch.randn_like(mean)
-            if state.folded:
-                return mean + std * state.noise(self, "output", tuple(mean.shape), mean)
-            eps = state.noise(self, "output", (state.num_samples, *mean.shape), mean)
-            state.folded = True
-            return (mean + std * eps).flatten(0, 1)
+            return self._local(x, state)
         weight = self._sample("weight", state)
         bias = None if self.bias_mu is None else self._sample("bias", state)
         if state is None:
             return self._apply_mean(x, weight, bias)
-        out = self._apply_samples(x, weight, bias, state.folded)
-        state.folded = True
-        return out
+        return self._apply_samples(x, weight, bias, state.input_folded)
+
+    def _local(self, x: Tensor, state: MCState | None) -> Tensor:
+        """The local reparameterization (see the module docstring); the ``"output"`` noise is
+        asked for as ``[S, N, ...]`` whether the input is folded or not.
+        """
+        mean = self._apply_mean(x, self.weight_mu, self.bias_mu)
+        bias_var = None if self.bias_mu is None else self.bias_sigma**2
+        var = self._apply_mean(x * x, self.weight_sigma**2, bias_var)
+        std = var.clamp_min(1e-16).sqrt()
+        if state is None:
+            return mean + std * torch.randn_like(mean)
+        num_samples = state.num_samples
+        if state.input_folded:
+            shape = (num_samples, mean.shape[0] // num_samples, *mean.shape[1:])
+            return mean + std * state.noise(self, "output", shape, mean).reshape(mean.shape)
+        eps = state.noise(self, "output", (num_samples, *mean.shape), mean)
+        return (mean + std * eps).flatten(0, 1)
 
 
 class BayesianLinear(_BayesianLayer):
@@ -315,6 +320,7 @@ class _BayesianConvNd(_BayesianLayer):
         estimator: str = "reparameterization",
         num_kl_samples: int = 1,
         bias_prior: Distribution | float | None = None,
+        output_padding: int | tuple[int, ...] = 0,
     ) -> None:
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -322,6 +328,7 @@ class _BayesianConvNd(_BayesianLayer):
                 f"divisible by `groups` ({groups})"
             )
         kernel = _ntuple(kernel_size, self.dims)
+        self.output_padding = _ntuple(output_padding, self.dims)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel
@@ -330,7 +337,7 @@ class _BayesianConvNd(_BayesianLayer):
         self.dilation = _ntuple(dilation, self.dims)
         self.groups = groups
         super().__init__(
-            (out_channels, in_channels // groups, *kernel),
+            self._weight_shape(in_channels, out_channels, groups, kernel),
             bias,
             prior,
             posterior_rho_init,
@@ -338,6 +345,12 @@ class _BayesianConvNd(_BayesianLayer):
             num_kl_samples,
             bias_prior,
         )
+
+    @staticmethod
+    def _weight_shape(
+        in_channels: int, out_channels: int, groups: int, kernel: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        return (out_channels, in_channels // groups, *kernel)
 
     @property
     def _features(self) -> tuple[int, int]:
@@ -386,6 +399,44 @@ class _BayesianConvNd(_BayesianLayer):
         )
 
 
+class _BayesianConvTransposeNd(_BayesianConvNd):
+    """Mean-field Gaussian transposed convolution (weights ``[in, out / groups, *kernel]``); ``S``
+    samples run as one grouped transposed convolution.
+    """
+
+    @staticmethod
+    def _weight_shape(
+        in_channels: int, out_channels: int, groups: int, kernel: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        return (in_channels, out_channels // groups, *kernel)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dims - 1]
+        return conv(
+            x, weight, bias, self.stride, self.padding, self.output_padding, groups, self.dilation
+        )
+
+    def _apply_samples(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, folded: bool
+    ) -> Tensor:
+        num_samples = weight.shape[0]
+        if not folded:
+            x = x.unsqueeze(0).expand(num_samples, *x.shape).flatten(0, 1)
+        # [S*N, C, ...] -> [N, S*C, ...]: input channels ordered (sample, channel), one group per
+        # (sample, original group); the output channels come out ordered the same way
+        batch = x.shape[0] // num_samples
+        x = x.reshape(num_samples, batch, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+        flat_bias = None if bias is None else bias.reshape(-1)
+        out = self._conv(
+            x, weight.flatten(0, 1), flat_bias, num_samples * self.groups
+        )  # weight [S, in, out/g, k] -> [S * in, out/g, k]
+        out = out.reshape(batch, num_samples, self.out_channels, *out.shape[2:])
+        return out.transpose(0, 1).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, output_padding={self.output_padding}"
+
+
 class BayesianConv1d(_BayesianConvNd):
     """Mean-field Gaussian ``nn.Conv1d`` (arguments as ``nn.Conv1d`` plus those of
     :class:`BayesianLinear`).
@@ -417,3 +468,27 @@ def _ntuple(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
     if len(value) != n:
         raise ValueError(f"expected an int or a tuple of {n} ints, got {value}")
     return value
+
+
+class BayesianConvTranspose1d(_BayesianConvTransposeNd):
+    """Mean-field Gaussian ``nn.ConvTranspose1d`` (arguments as ``nn.ConvTranspose1d`` plus those of
+    :class:`BayesianLinear`; ``forward`` takes no ``output_size``: set ``output_padding``).
+    """
+
+    dims = 1
+
+
+class BayesianConvTranspose2d(_BayesianConvTransposeNd):
+    """Mean-field Gaussian ``nn.ConvTranspose2d`` (arguments as ``nn.ConvTranspose2d`` plus those of
+    :class:`BayesianLinear`; ``forward`` takes no ``output_size``: set ``output_padding``).
+    """
+
+    dims = 2
+
+
+class BayesianConvTranspose3d(_BayesianConvTransposeNd):
+    """Mean-field Gaussian ``nn.ConvTranspose3d`` (arguments as ``nn.ConvTranspose3d`` plus those of
+    :class:`BayesianLinear`; ``forward`` takes no ``output_size``: set ``output_padding``).
+    """
+
+    dims = 3
