@@ -39,6 +39,10 @@ from uq_box.nn.sampling import MCState, SamplingModule, current_mc_state
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, MCPlan]] = weakref.WeakKeyDictionary()
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _holds_sampling(module: nn.Module) -> bool:
     return any(isinstance(m, SamplingModule) for m in module.modules())
 
@@ -68,7 +72,8 @@ def call_unfolded(module: nn.Module, x: Tensor) -> Tensor:
 class _Tracer(fx.Tracer):
     """``torch.fx`` tracer with sampling layers and ``torch.nn``'s own layers as leaves.
 
-    A submodule whose ``forward`` cannot be traced (control flow on a tensor, ...) becomes a
+    A submodule with forward hooks is a leaf too, so that its hooks run as they would. A
+    submodule whose ``forward`` cannot be traced (control flow on a tensor, ...) becomes a
     leaf itself, so the rest of the network keeps its fine-grained plan; if it holds a sampling
     layer, its inputs are folded (see :func:`_folded_nodes`).
     """
@@ -81,6 +86,7 @@ class _Tracer(fx.Tracer):
         return (
             isinstance(m, SamplingModule)
             or m in self.opaque
+            or _has_hooks(m)  # called whole, so that its hooks run
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -111,6 +117,7 @@ class MCPlan:
             at the input, or, with ``output_folded=False``, once: it samples nothing).
         output_folded: whether the output is folded (else it depends on no sample).
         reason: why the plan folds at the input (``None`` otherwise).
+        single_layer: the network is one sampling layer, given the plain batch.
     """
 
     def __init__(
@@ -119,8 +126,10 @@ class MCPlan:
         graph_module: fx.GraphModule | None,
         output_folded: bool = True,
         reason: str | None = None,
+        single_layer: bool = False,
     ) -> None:
         self.graph_module = graph_module
+        self.single_layer = single_layer
         self.output_folded = output_folded
         self.reason = reason
         self.batch_norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -141,6 +150,8 @@ class MCPlan:
         """``(output, folded)`` of one vectorized forward pass inside ``mc_sampling``."""
         if self.graph_module is not None:
             return self.graph_module(x), self.output_folded
+        if self.single_layer:
+            return call_unfolded(model, x), True
         if not self.output_folded:
             return model(x), False
         with _per_sample_batch_norm(self.batch_norms):
@@ -193,9 +204,11 @@ def _check_batch_first(model: nn.Module, named_modules: Iterator[tuple[str, nn.M
 
 def _build_plan(model: nn.Module, x: Tensor) -> MCPlan:
     if isinstance(model, SamplingModule):  # a single layer: it folds its input itself
-        return _single_layer_plan(model)
+        return MCPlan(model, None, single_layer=True)
     if not _holds_sampling(model):  # nothing samples: the network runs once, as it is
         return MCPlan(model, None, output_folded=False)
+    if _has_hooks(model):
+        return _fallback(model, "it has forward hooks of its own, which a traced graph would skip")
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -440,16 +453,6 @@ def batch_norm_folded(module: _BatchNorm, x: Tensor) -> Tensor:
             module.running_var.copy_(running_var.view(num_samples, channels).mean(0))
     out = out.reshape(rows, num_samples, channels, *x.shape[2:]).transpose(0, 1)
     return out.reshape(x.shape)
-
-
-def _single_layer_plan(layer: nn.Module) -> MCPlan:
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    out = graph.call_function(call_unfolded, (graph.get_attr("layer"), x))
-    graph.output(out)
-    root = nn.Module()
-    root.layer = layer
-    return MCPlan(layer, fx.GraphModule(root, graph))
 
 
 __all__ = ["MCPlan", "batch_norm_folded", "call_unfolded", "fold_plain", "mc_plan"]

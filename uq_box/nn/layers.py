@@ -21,7 +21,9 @@ al. 2015, "Weight Uncertainty in Neural Networks"). Three gradient estimators:
   Signs are per example (shared over the positions of a convolution or the middle dimensions of
   a linear layer's input); the biases are sampled per example too.
 
-Inside :func:`~uq_box.nn.sampling.mc_sampling`, a ``noise_fn`` is asked for ``"weight"`` and
+Inside :func:`~uq_box.nn.sampling.mc_sampling`, a layer called twice in one forward pass uses the
+same weight samples both times (tied weights; ``"local"`` samples outputs, so it draws per call),
+and a ``noise_fn`` is asked for ``"weight"`` and
 ``"bias"`` noise of the parameter shapes with a leading ``S`` (``"reparameterization"``), for
 ``"output"`` noise ``[S, N, *output_shape]`` (``"local"``, whether the input is folded or not), or for ``"weight"`` ``[S, *weight_shape]`` and ``"bias"``,
 ``"sign_in"``, ``"sign_out"`` ``[R, features]`` with ``R = S * N`` the rows of the folded batch
@@ -66,6 +68,7 @@ class _BayesianLayer(BayesianModule, SamplingModule):
         estimator: str,
         num_kl_samples: int,
         bias_prior: Distribution | float | None = None,
+        out_features: int | None = None,
     ) -> None:
         super().__init__()
         if estimator not in ESTIMATORS:
@@ -82,7 +85,7 @@ class _BayesianLayer(BayesianModule, SamplingModule):
         self.bias_prior: Prior | None = None if bias_prior is None else Prior(bias_prior)
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape))
-        out_features = weight_shape[0]
+        out_features = weight_shape[0] if out_features is None else out_features
         if bias:
             self.bias_mu = nn.Parameter(torch.empty(out_features))
             self.bias_rho = nn.Parameter(torch.empty(out_features))
@@ -136,7 +139,7 @@ class _BayesianLayer(BayesianModule, SamplingModule):
         """Weights or biases ``mu + sigma * eps``: ``[S, *shape]`` in a context, else ``shape``."""
         mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
         shape = tuple(mu.shape) if state is None else (state.num_samples, *mu.shape)
-        eps = torch.randn_like(mu) if state is None else state.noise(self, name, shape, mu)
+        eps = torch.randn_like(mu) if state is None else state.weight_noise(self, name, shape, mu)
         return mu + F.softplus(rho) * eps
 
     def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -173,7 +176,8 @@ class _BayesianLayer(BayesianModule, SamplingModule):
                 bias_eps = torch.randn(rows, out_features, dtype=x.dtype, device=x.device)
         else:
             num_samples = state.num_samples
-            eps = state.noise(self, "weight", (num_samples, *self.weight_mu.shape), self.weight_mu)
+            shape = (num_samples, *self.weight_mu.shape)
+            eps = state.weight_noise(self, "weight", shape, self.weight_mu)
             delta = self.weight_sigma * eps
             if not state.input_folded:  # one copy of the batch per weight sample: [S * N, ...]
                 mean, x = state.fold(mean), state.fold(x)
@@ -344,6 +348,7 @@ class _BayesianConvNd(_BayesianLayer):
             estimator,
             num_kl_samples,
             bias_prior,
+            out_channels,
         )
 
     @staticmethod

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,7 @@ class MCState:
     num_samples: int
     noise_fn: NoiseFn | None = None
     input_folded: bool = True
+    _drawn: dict = field(default_factory=dict, repr=False)
 
     def noise(self, module: nn.Module, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """Standard normal noise for ``module``'s ``name``, of ``shape``, on ``like``'s device."""
@@ -72,6 +73,18 @@ class MCState:
                 f"`noise_fn` returned shape {tuple(eps.shape)} for {name}; expected {tuple(shape)}"
             )
         return eps.to(dtype=like.dtype, device=like.device)
+
+    def weight_noise(
+        self, module: nn.Module, name: str, shape: tuple[int, ...], like: Tensor
+    ) -> Tensor:
+        """Like :meth:`noise`, drawn once per pass: a layer called twice in one forward pass
+        uses the same ``S`` weight samples in both places (its weights are tied).
+        """
+        key = (id(module), name)
+        eps = self._drawn.get(key)
+        if eps is None:
+            eps = self._drawn[key] = self.noise(module, name, shape, like)
+        return eps
 
     def fold(self, x: Tensor) -> Tensor:
         """``S`` copies of a plain batch ``[N, ...]`` as one folded batch ``[S * N, ...]``."""
