@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from uq_box.nn import MCDropout
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -187,6 +189,14 @@ class Functional(nn.Module):
         return self.head(torch.cat([h, small.flatten(2).mean(-1)], 1))
 
 
+def with_dropout(model: nn.Module, name: str, p: float = 0.3) -> nn.Module:
+    """``model`` with MC dropout in front of layer ``name`` (a stochastic point inside a block)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, nn.Sequential(MCDropout(p), getattr(parent, child)))
+    return model
+
+
 def _mlp(n_outputs: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, n_outputs)
@@ -198,16 +208,12 @@ BACKBONES = {
     for b in [
         Backbone("mlp", _mlp, (3,), _placements("0", "2", "4")),
         Backbone("lenet", LeNet, (1, 8, 8), _placements("conv1", "conv2", "fc2")),
-        Backbone(
-            "residual", ResidualNet, (1, 8, 8), _placements("stem.0", "block1.conv1", "fc")
-        ),
+        Backbone("residual", ResidualNet, (1, 8, 8), _placements("stem.0", "block1.conv1", "fc")),
         Backbone("dense", DenseNet, (1, 8, 8), _placements("stem", "layer1.conv", "classifier")),
         Backbone("unet", UNet, (1, 8, 8), _placements("enc1", "up1", "head")),
         Backbone("two_branch", TwoBranch, (1, 8, 8), _placements("stem", "branch3", "head")),
         Backbone("shared", Shared, (3,), _placements("inp", "shared", "head")),
-        Backbone(
-            "transformer", Transformer, (5, 3), _placements("embed", "enc.linear1", "head")
-        ),
+        Backbone("transformer", Transformer, (5, 3), _placements("embed", "enc.linear1", "head")),
         Backbone("functional", Functional, (1, 8, 8), _placements("conv1", "conv2", "head")),
     ]
 }

@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from backbones import BACKBONE_CASES, BACKBONES
+from backbones import BACKBONE_CASES, BACKBONES, with_dropout
 from torch import nn
 from torch.func import functional_call
 
-from uq_box.nn import mc_plan, sample_forward, to_bayesian
+from uq_box.nn import mc_plan, sample_forward, to_bayesian, to_mc_dropout
 from uq_box.nn.layers import ESTIMATORS, _BayesianLayer
 
 DTYPE = torch.float64
@@ -42,9 +42,10 @@ class Replay:
         return self
 
     def __call__(self, module, name, shape):
-        if name in ("weight", "bias") and module.estimator == "reparameterization":
+        estimator = getattr(module, "estimator", None)
+        if name in ("weight", "bias") and estimator == "reparameterization":
             assert (module, name) not in self.counts, "weights are drawn once per pass"
-        if name == "weight" and module.estimator == "flipout":
+        if name == "weight" and estimator == "flipout":
             assert (module, name) not in self.counts, "weights are drawn once per pass"
         index = self.counts.get((module, name), 0)
         self.counts[(module, name)] = index + 1
@@ -53,7 +54,9 @@ class Replay:
             self.table[key] = torch.randn(shape, generator=self.gen, dtype=DTYPE)
             return self.table[key]
         full, s = self.table[key], self.sample
-        per_row = name.startswith("sign") or (name == "bias" and module.estimator == "flipout")
+        per_row = name.startswith("sign") or (
+            name == "bias" and getattr(module, "estimator", None) == "flipout"
+        )
         if per_row:  # [S * N, features], sample-major rows
             rows = full.shape[0] // self.num_samples
             return full[s * rows : (s + 1) * rows]
@@ -137,7 +140,9 @@ def test_vectorized_equals_loop_and_gradients(backbone, placement, estimator):
     replay = Replay(NUM_SAMPLES)
     loss = sample_forward(bayes, x, NUM_SAMPLES, noise_fn=replay.start(None)).square().mean()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    ref_grads = torch.autograd.grad(_loop(bayes, x, replay).square().mean(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(
+        _loop(bayes, x, replay).square().mean(), params, allow_unused=True
+    )
     for (name, _), g, r in zip(bayes.named_parameters(), grads, ref_grads, strict=True):
         if r is None:
             assert g is None or g.abs().max() == 0, name
@@ -276,3 +281,70 @@ class _Entry:
     def __init__(self, build, input_shape):
         self.build, self.input_shape = build, tuple(input_shape)
         self.placements = {"all": None}
+
+
+@pytest.mark.parametrize(("backbone", "placement"), BACKBONE_CASES)
+def test_mc_dropout_vectorized_equals_loop(backbone, placement):
+    entry = BACKBONES[backbone]
+    names = entry.placements[placement] or [
+        n for n, m in entry.build(3).named_modules() if type(m) in (nn.Linear, nn.Conv2d)
+    ]
+    torch.manual_seed(0)
+    model = entry.build(3).to(DTYPE)
+    for name in names:
+        if name.startswith("enc."):  # the transformer block's own dropout layers
+            for module in model.enc.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.3
+            to_mc_dropout(model)
+        else:
+            with_dropout(model, name)
+    x = _inputs(entry)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        replay = Replay(NUM_SAMPLES)
+        out = sample_forward(model, x, NUM_SAMPLES, noise_fn=replay.start(None))
+        torch.testing.assert_close(out, _loop(model, x, replay), rtol=1e-7, atol=1e-5)
+        assert (out[0] - out[1]).abs().max() > 1e-6
+    assert {name for _, name, _ in replay.table} == {"mask"}
+
+
+@pytest.mark.laplace  # torchvision is installed in the Laplace environment only
+@pytest.mark.parametrize(
+    ("backbone", "placement"),
+    [
+        ("resnet18", "last"),
+        ("resnet18", "inner"),
+        ("resnet18", "block+last"),
+        ("resnet18", "all"),
+        ("densenet121", "inner+last"),
+        ("mobilenet_v3_small", "last"),
+        ("mobilenet_v3_small", "inner"),
+        ("vit", "last"),
+        ("vit", "mlp"),
+    ],
+)
+def test_torchvision_backbones(backbone, placement):
+    from backbones import torchvision_backbones
+
+    entry = torchvision_backbones()[backbone]
+    _, bayes = _bayesian(entry, placement, "reparameterization")
+    with torch.no_grad():
+        for module in bayes.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # train mode: no mask the noise replay does not cover
+            for p in module.parameters(recurse=False):
+                if not p.any():  # e.g. ViT's zero-initialized head
+                    p.normal_(0.0, 0.1)
+    x = _inputs(entry, n=2)
+    for mode in ("train", "eval"):
+        bayes.train(mode == "train")
+        replay = Replay(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # traced, no fallback
+            out = sample_forward(bayes, x, 2, noise_fn=replay.start(None))
+        ref = torch.stack(
+            [sample_forward(bayes, x, 1, noise_fn=replay.start(s))[0] for s in (0, 1)]
+        )
+        torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-5)
+        assert (out[0] - out[1]).abs().max() > 1e-6

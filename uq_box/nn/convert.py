@@ -25,6 +25,7 @@ from uq_box.nn.layers import (
     BayesianLinear,
     _BayesianLayer,
 )
+from uq_box.nn.sampling import SamplingModule
 
 CONVERSIONS: dict[type[nn.Module], type[_BayesianLayer]] = {
     nn.Linear: BayesianLinear,
@@ -226,16 +227,17 @@ def to_bayesian(
 
 
 def disable_native_fast_paths(model: nn.Module) -> None:
-    """Keep transformer blocks that hold Bayesian layers on their Python path.
+    """Keep transformer blocks that hold sampling layers (Bayesian, MC dropout) on their Python
+    path.
 
     In eval mode without gradients, ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``
-    with a padding mask) run one fused kernel that reads ``linear1.weight`` and friends directly,
-    which would skip the sampled weights. The layers' own switches turn it off: the encoder
+    with a padding mask) run one fused kernel that reads ``linear1.weight`` and friends directly
+    and skips dropout, which would skip the sampled weights and masks. The layers' own switches turn it off: the encoder
     layer's ``activation_relu_or_gelu`` flag (read only by the fast-path checks; the Python path
     calls ``activation`` itself) and the encoder's ``use_nested_tensor``.
     """
     for module in model.modules():
-        holds = any(isinstance(m, _BayesianLayer) for m in module.modules())
+        holds = any(isinstance(m, SamplingModule) for m in module.modules())
         if isinstance(module, nn.TransformerEncoderLayer) and holds:
             module.activation_relu_or_gelu = 0
         elif isinstance(module, nn.TransformerEncoder) and holds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
@@ -25,7 +26,16 @@ class MCDropout(nn.Dropout, SamplingModule):
             state.check_folded(x, self)
         else:
             x = state.fold(x)
-        return F.dropout(x, self.p, training=True, inplace=False)
+        if state.noise_fn is None:
+            return F.dropout(x, self.p, training=True, inplace=False)
+        # replayable masks: keep where standard normal "mask" noise [S, N, ...] exceeds the
+        # p-quantile, i.e. with probability 1 - p
+        shape = (state.num_samples, x.shape[0] // state.num_samples, *x.shape[1:])
+        eps = state.noise(self, "mask", shape, x).reshape(x.shape)
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        keep = eps > torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(self.p)).item()
+        return x * keep / (1.0 - self.p)
 
 
 def to_mc_dropout(model: nn.Module) -> nn.Module:
@@ -34,6 +44,8 @@ def to_mc_dropout(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no dropout layer, or all have ``p == 0``.
     """
+    from uq_box.nn.convert import disable_native_fast_paths
+
     found = []
     for parent in model.modules():
         for name, child in list(parent._modules.items()):
@@ -42,6 +54,7 @@ def to_mc_dropout(model: nn.Module) -> nn.Module:
                 found.append(child.p)
             elif isinstance(child, MCDropout):
                 found.append(child.p)
+    disable_native_fast_paths(model)
     if not found or not any(p > 0 for p in found):
         raise ValueError(
             f"`model` needs nn.Dropout layers with p > 0 for MC dropout, found "
