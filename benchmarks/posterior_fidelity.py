@@ -162,7 +162,7 @@ def build_method(name: str) -> tuple[object, int]:
             optimizer=adam(1e-2),
             burnin_epochs=1500,
             swa_lr=1e-2,
-            max_num_models=20,
+            max_num_samples=20,
             num_mc_samples_test=400,
         )
         return method, 2000

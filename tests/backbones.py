@@ -3,8 +3,10 @@
 Each :class:`Backbone` has ``build(n_outputs)``, the input shape without the batch, and the
 placements of ``stochastic_module_names``: ``first``, ``inner`` (a layer inside a block),
 ``last``, ``first+last`` and ``all`` (``None``). Every network is batch first and traceable by
-``torch.fx``. ``torchvision_backbones()`` adds torchvision's own models (no weights) where
-torchvision is importable (the Laplace environment).
+``torch.fx``. ``BACKBONES`` maps the names to the entries, ``BACKBONE_CASES`` lists every
+``(name, placement)`` pair. ``torchvision_backbones()`` adds torchvision's own models (no weights)
+where torchvision is importable (the Laplace environment); their placements,
+``TORCHVISION_PLACEMENTS`` and ``TORCHVISION_CASES``, import without it.
 """
 
 from collections.abc import Callable
@@ -19,6 +21,11 @@ from uq_box.nn import MCDropout
 
 @dataclass(frozen=True)
 class Backbone:
+    """``build(n_outputs)`` gives a fresh network (seed first for a fixed init) mapping
+    ``[N, *input_shape]`` to ``[N, n_outputs]``; ``placements`` maps a label to a value of
+    ``stochastic_module_names`` (dotted module names of Linear / Conv / ConvTranspose layers, or
+    ``None`` for all)."""
+
     name: str
     build: Callable[[int], nn.Module]
     input_shape: tuple[int, ...]
@@ -221,56 +228,43 @@ PLACEMENTS = ("first", "inner", "last", "first+last", "all")
 BACKBONE_CASES = [(name, placement) for name in BACKBONES for placement in PLACEMENTS]
 
 
+#: torchvision's models: placements of ``stochastic_module_names`` (importable without
+#: torchvision, e.g. to parametrize tests)
+TORCHVISION_PLACEMENTS = {
+    "resnet18": {
+        "last": ["fc"],
+        "inner": ["layer4.1.conv2"],
+        "block+last": ["layer4.1.conv1", "fc"],
+        "all": None,
+        # only the projection shortcut: torchvision's `out += identity` adds it in place
+        "shortcut": ["layer2.0.downsample.0"],
+    },
+    "densenet121": {
+        "last": ["classifier"],
+        "inner+last": ["features.denseblock4.denselayer16.conv2", "classifier"],
+    },
+    "mobilenet_v3_small": {"last": ["classifier.3"], "inner": ["features.9.block.0.0"]},
+    "vit": {"last": ["heads.head"], "mlp": ["encoder.layers.encoder_layer_0.mlp.0"]},
+}
+TORCHVISION_CASES = [
+    (name, label) for name, table in TORCHVISION_PLACEMENTS.items() for label in table
+]
+
+
 def torchvision_backbones() -> dict[str, Backbone]:
-    """torchvision's models (no weights) with the layer names users write."""
+    """torchvision's models (no weights, inputs 3 x 32 x 32) with the layer names users write."""
     from torchvision import models
 
-    def resnet(n):
-        return models.resnet18(num_classes=n)
-
-    def densenet(n):
-        return models.densenet121(num_classes=n)
-
-    def mobilenet(n):
-        return models.mobilenet_v3_small(num_classes=n)
-
-    def vit(n):
-        return models.VisionTransformer(
+    builders = {
+        "resnet18": lambda n: models.resnet18(num_classes=n),
+        "densenet121": lambda n: models.densenet121(num_classes=n),
+        "mobilenet_v3_small": lambda n: models.mobilenet_v3_small(num_classes=n),
+        "vit": lambda n: models.VisionTransformer(
             image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
             num_classes=n,
-        )  # fmt: skip
-
+        ),
+    }  # fmt: skip
     return {
-        "resnet18": Backbone(
-            "resnet18",
-            resnet,
-            (3, 32, 32),
-            {
-                "last": ["fc"],
-                "inner": ["layer4.1.conv2"],
-                "block+last": ["layer4.1.conv1", "fc"],
-                "all": None,
-            },
-        ),
-        "densenet121": Backbone(
-            "densenet121",
-            densenet,
-            (3, 32, 32),
-            {
-                "last": ["classifier"],
-                "inner+last": ["features.denseblock4.denselayer16.conv2", "classifier"],
-            },
-        ),
-        "mobilenet_v3_small": Backbone(
-            "mobilenet_v3_small",
-            mobilenet,
-            (3, 32, 32),
-            {"last": ["classifier.3"], "inner": ["features.9.block.0.0"]},
-        ),
-        "vit": Backbone(
-            "vit",
-            vit,
-            (3, 32, 32),
-            {"last": ["heads.head"], "mlp": ["encoder.layers.encoder_layer_0.mlp.0"]},
-        ),
+        name: Backbone(name, build, (3, 32, 32), TORCHVISION_PLACEMENTS[name])
+        for name, build in builders.items()
     }

@@ -1,10 +1,13 @@
 import json
+import math
 import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 import torch
+import yaml
 from lightning import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
@@ -15,11 +18,67 @@ from uq_box.models import MLP
 from uq_box.report import write_report
 
 CONFIG = "configs/toy_heteroscedastic/bnn_vi.yaml"
+REPO = Path(__file__).parents[1]
+ALL_CONFIGS = sorted(
+    str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")
+)
+#: Configs of other commands than `uq-box fit` (``uq-box benchmark uci --config ...``).
+NOT_FIT_CONFIGS = {"uci/default.yaml"}
+FIT_CONFIGS = [c for c in ALL_CONFIGS if c not in NOT_FIT_CONFIGS]
+
+
+def config_param(config: str):
+    """A config as a test parameter; Laplace configs run in .venv-laplace (`laplace` marker)."""
+    model = yaml.safe_load((REPO / "configs" / config).read_text())["model"]["class_path"]
+    return pytest.param(config, marks=[pytest.mark.laplace] if "Laplace" in model else [])
+
+
+def fewer_samples(config: str) -> list[str]:
+    """2 prediction samples where the config sets a number (keeps each smoke test ~1-2 s)."""
+    init_args = yaml.safe_load((REPO / "configs" / config).read_text())["model"]["init_args"]
+    if isinstance(init_args.get("num_mc_samples_test"), int):
+        return ["--model.init_args.num_mc_samples_test=2"]
+    return []
+
+
+def test_every_config_is_a_fit_config_or_known():
+    """A new config joins the fast_dev_run smoke test below (or is listed as another command's)."""
+    assert NOT_FIT_CONFIGS <= set(ALL_CONFIGS)
+    for config in FIT_CONFIGS:
+        assert {"trainer", "model", "data"} <= set(
+            yaml.safe_load((REPO / "configs" / config).read_text())
+        )
+
+
+@pytest.mark.parametrize("config", [config_param(c) for c in FIT_CONFIGS])
+def test_fast_dev_run_smoke_test_of_every_config(config, tmp_path, capsys, monkeypatch):
+    """``--trainer.fast_dev_run=true``: one batch of each stage, test metrics, the report built
+    (methods needing snapshots or samples take one), no traceback and no file written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["uq-box"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / config),
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_model_summary=false",
+            *fewer_samples(config),
+        ]
+    )
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("test metrics: ")]
+    metrics = dict(item.split("=") for item in line[len("test metrics: ") :].split(", "))
+    assert metrics and all(math.isfinite(float(v)) for v in metrics.values()), line
+    classification = "test_accuracy" in metrics
+    plots = "decision_surface.png, reliability.png" if classification else "calibration.png"
+    assert "fast_dev_run: report built (" in out and plots in out, out
+    assert list(tmp_path.iterdir()) == []  # nothing written, as Lightning's own fast_dev_run
 
 
 def test_cli_fit_writes_log_metrics_and_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["uq-box"])
-    repo_config = Path(__file__).parents[1] / CONFIG
+    repo_config = REPO / CONFIG
     main(
         [
             "fit",
@@ -85,4 +144,6 @@ def test_report_without_one_dimensional_inputs(tmp_path):
         "calibration.png",
         "training_metrics.png",
     ]
-    assert "test_nll" in (report / "index.md").read_text()
+    index = (report / "index.md").read_text()
+    assert "test_nll" in index
+    assert "Not in this report:" in index and "- data and predictions: need 1-D inputs" in index

@@ -2,11 +2,17 @@
 
 ``uq-box fit --config configs/toy_heteroscedastic/bnn_vi.yaml`` trains, then tests on the data
 module's test split and writes the run's report (test metrics JSON and plots) next to its CSV log.
+
+``--trainer.fast_dev_run=true`` is a smoke test of any config: one batch of training, validation
+and testing, then the report is built in a temporary folder and discarded (Lightning writes no
+log or checkpoint in a ``fast_dev_run``, and ``uq-box`` writes no report); methods that predict
+from snapshots or samples take one at the end of such a run.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -25,9 +31,15 @@ class UQBoxCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if trainer.fast_dev_run:
+            with tempfile.TemporaryDirectory() as run_dir:
+                report = write_report(model, datamodule, run_dir, metrics)
+                built = sorted(p.name for p in report.glob("*.png"))
+            print(f"fast_dev_run: report built ({', '.join(built)}) and discarded")
+            return
         run_dir = trainer.log_dir or trainer.default_root_dir
         report = write_report(model, datamodule, run_dir, metrics)
-        print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         print(f"report written to {report}")
 
 

@@ -1,8 +1,14 @@
-"""A run's report: test metrics as JSON and the standard plots as PNG."""
+"""A run's report: test metrics as JSON and the standard plots as PNG.
+
+:func:`write_report` writes ``test_metrics.json`` and ``report/`` (the plots and an ``index.md``
+listing them). A plot that does not apply to the run (no CSV log, inputs that are not 1-D or
+2-D) is skipped, and ``index.md`` says which and why.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning import LightningDataModule  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from uq_box.methods.base import ClassificationTask, UQMethod  # noqa: E402
 from uq_box.viz import (  # noqa: E402
@@ -33,10 +40,22 @@ TRAINING_METRICS = (
 )
 
 
-def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path.name
+@dataclass
+class _Report:
+    """The report folder, the images written into it and the plots skipped (with why)."""
+
+    folder: Path
+    title: str
+    images: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def save(self, fig: Figure, name: str) -> None:
+        fig.savefig(self.folder / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        self.images.append(name)
+
+    def skip(self, plot: str, reason: str) -> None:
+        self.skipped.append(f"{plot}: {reason}")
 
 
 def write_report(
@@ -51,74 +70,125 @@ def write_report(
     Regression: the data, the training metrics (from the run's ``metrics.csv``), the predictions
     with their epistemic and aleatoric parts (1-D inputs), and the calibration curve on the test
     set. Classification: the training metrics, the decision surface with its mutual-information
-    map (2-D inputs with a ``grid``), and the reliability diagram on the test set.
+    map (2-D inputs with a ``grid``), and the reliability diagram on the test set. ``index.md``
+    shows the metrics and the plots and names the plots skipped, with the reason.
 
     Returns:
         The report folder.
     """
     run_dir = Path(run_dir)
-    report = run_dir / "report"
-    report.mkdir(parents=True, exist_ok=True)
+    report = _Report(run_dir / "report", title or type(model).__name__)
+    report.folder.mkdir(parents=True, exist_ok=True)
     (run_dir / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-    title = title or type(model).__name__
+    if isinstance(model, ClassificationTask):
+        _training_metrics_plot(report, run_dir)
+        _classification_plots(report, model, datamodule)
+    else:
+        _regression_plots(report, model, datamodule, run_dir)
+    _write_index(report, test_metrics)
+    return report.folder
+
+
+def _is_one_dimensional(datamodule: LightningDataModule) -> bool:
+    return datamodule.X_train.shape[1:] == (1,) and datamodule.Y_train.shape[-1] == 1
+
+
+def _training_metrics_plot(report: _Report, run_dir: Path) -> None:
+    """The training curves from the run's CSV log, if there is one with such columns."""
+    metrics_csv = sorted(run_dir.rglob("metrics.csv"))
+    if not metrics_csv:
+        report.skip("training metrics", "no metrics.csv in the run folder (no CSVLogger)")
+        return
+    columns = metrics_csv[0].read_text().splitlines()[0].split(",")
+    names = [m for m in TRAINING_METRICS if m in columns]
+    if not names:
+        report.skip("training metrics", f"metrics.csv logs none of {list(TRAINING_METRICS)}")
+        return
+    report.save(plot_training_metrics(run_dir, names), "training_metrics.png")
+
+
+def _regression_plots(
+    report: _Report, model: UQMethod, datamodule: LightningDataModule, run_dir: Path
+) -> None:
+    """Data, training metrics, predictions (1-D inputs) and the calibration curve."""
     x_train, y_train = datamodule.X_train, datamodule.Y_train
     x_test, y_test = datamodule.X_test, datamodule.Y_test
-    images = []
-    classification = isinstance(model, ClassificationTask)
-    one_dimensional = not classification and x_train.shape[1:] == (1,) and y_train.shape[-1] == 1
+    one_dimensional = _is_one_dimensional(datamodule)
     if one_dimensional:
-        images.append(
-            _save(plot_toy_regression_data(x_train, y_train, x_test, y_test), report / "data.png")
-        )
-    metrics_csv = sorted(run_dir.rglob("metrics.csv"))
-    if metrics_csv:
-        columns = metrics_csv[0].read_text().splitlines()[0].split(",")
-        names = [m for m in TRAINING_METRICS if m in columns]
-        if names:
-            fig = plot_training_metrics(run_dir, names)
-            images.append(_save(fig, report / "training_metrics.png"))
+        fig = plot_toy_regression_data(x_train, y_train, x_test, y_test)
+        report.save(fig, "data.png")
+    _training_metrics_plot(report, run_dir)
     if one_dimensional:
-        x_grid = getattr(datamodule, "X_gtext", None)
-        y_grid = getattr(datamodule, "Y_gtext", None)
-        if x_grid is None:
-            order = torch.argsort(x_test[:, 0])
-            x_grid, y_grid = x_test[order], y_test[order]
-        preds = model.predict_step(x_grid)
-        fig = plot_predictions_regression(
+        _regression_predictions_plot(report, model, datamodule)
+    else:
+        reason = f"inputs of shape {tuple(x_train.shape[1:])}, targets {tuple(y_train.shape[1:])}"
+        report.skip("data and predictions", f"need 1-D inputs and one target ({reason})")
+    preds = model.predict_step(x_test)
+    report.save(
+        plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test), "calibration.png"
+    )
+
+
+def _regression_predictions_plot(
+    report: _Report, model: UQMethod, datamodule: LightningDataModule
+) -> None:
+    """Predictions with their epistemic and aleatoric bands on a grid (or the sorted test set)."""
+    x_grid, y_grid = _prediction_grid(datamodule)
+    preds = model.predict_step(x_grid)
+    fig = plot_predictions_regression(
+        datamodule.X_train,
+        datamodule.Y_train,
+        x_grid,
+        y_grid,
+        preds["pred"],
+        preds["pred_uct"],
+        epistemic=preds["epistemic_uct"],
+        aleatoric=preds["aleatoric_uct"],
+        title=report.title,
+    )
+    report.save(fig, "predictions.png")
+
+
+def _prediction_grid(datamodule: LightningDataModule) -> tuple[Tensor, Tensor]:
+    """The data module's ``X_gtext``/``Y_gtext`` grid, else the test set sorted by input."""
+    x_grid = getattr(datamodule, "X_gtext", None)
+    if x_grid is not None:
+        return x_grid, getattr(datamodule, "Y_gtext", None)
+    x_test, y_test = datamodule.X_test, datamodule.Y_test
+    order = torch.argsort(x_test[:, 0])
+    return x_test[order], y_test[order]
+
+
+def _classification_plots(
+    report: _Report, model: UQMethod, datamodule: LightningDataModule
+) -> None:
+    """The decision surface (2-D inputs with a ``grid``) and the reliability diagram."""
+    x_train, y_train = datamodule.X_train, datamodule.Y_train
+    if x_train.shape[1:] == (2,) and hasattr(datamodule, "grid"):
+        grid = datamodule.grid()
+        grid_preds = model.predict_step(grid)
+        fig = plot_decision_surface(
             x_train,
             y_train,
-            x_grid,
-            y_grid,
-            preds["pred"],
-            preds["pred_uct"],
-            epistemic=preds["epistemic_uct"],
-            aleatoric=preds["aleatoric_uct"],
-            title=title,
+            grid,
+            grid_preds["pred"],
+            grid_preds["epistemic_uct"],
+            grid_extent=datamodule.grid_extent(),
+            title=report.title,
+            uncertainty_label="mutual information (epistemic)",
         )
-        images.append(_save(fig, report / "predictions.png"))
-    preds = model.predict_step(x_test)
-    if classification:
-        if x_train.shape[1:] == (2,) and hasattr(datamodule, "grid"):
-            grid = datamodule.grid()
-            grid_preds = model.predict_step(grid)
-            fig = plot_decision_surface(
-                x_train,
-                y_train,
-                grid,
-                grid_preds["pred"],
-                grid_preds["epistemic_uct"],
-                grid_extent=datamodule.grid_extent(),
-                title=title,
-                uncertainty_label="mutual information (epistemic)",
-            )
-            images.append(_save(fig, report / "decision_surface.png"))
-        fig = plot_reliability_diagram(preds["pred"], y_test)
-        images.append(_save(fig, report / "reliability.png"))
+        report.save(fig, "decision_surface.png")
     else:
-        fig = plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test)
-        images.append(_save(fig, report / "calibration.png"))
-    lines = [f"# {title}", "", "| metric | value |", "| --- | ---: |"]
+        report.skip("decision surface", "needs 2-D inputs and a data module with a `grid`")
+    preds = model.predict_step(datamodule.X_test)
+    report.save(plot_reliability_diagram(preds["pred"], datamodule.Y_test), "reliability.png")
+
+
+def _write_index(report: _Report, test_metrics: dict[str, float]) -> None:
+    """``index.md``: the metrics table, the images, and what was skipped."""
+    lines = [f"# {report.title}", "", "| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.4g} |" for k, v in test_metrics.items()]
-    lines += [""] + [f"![{Path(name).stem}]({name})" for name in images]
-    (report / "index.md").write_text("\n".join(lines) + "\n")
-    return report
+    lines += [""] + [f"![{Path(name).stem}]({name})" for name in report.images]
+    if report.skipped:
+        lines += ["", "Not in this report:", ""] + [f"- {note}" for note in report.skipped]
+    (report.folder / "index.md").write_text("\n".join(lines) + "\n")

@@ -6,8 +6,10 @@
   ``max_num_samples`` of them, and equal the parameters recorded after those steps;
 - prediction is one vectorized call that equals a loop over the samples with functional_call;
 - partial stochasticity: only the chosen layer moves and is kept;
-- buffers in the state dict and checkpoints; calibrated on the toy data; both configs run through
-  the CLI; clear errors.
+- buffers in the state dict and checkpoints; calibrated on the toy data; the configs run through
+  the CLI; clear errors;
+- the fixed-sampler classes (SGLD, pSGLD, SGHMC x regression, classification) are the general
+  class with that sampler, number for number, and round-trip through checkpoints.
 """
 
 from functools import partial
@@ -21,10 +23,20 @@ from torch import nn
 from torch.distributions import Laplace, Normal
 from torch.func import functional_call
 
-from uq_box.datamodules import ToyHeteroscedasticDatamodule
+from uq_box.datamodules import ToyHeteroscedasticDatamodule, TwoMoonsDatamodule
 from uq_box.losses import NLL
-from uq_box.methods.base import RegressionTask
-from uq_box.methods.sgmcmc import SGMCMC, SGMCMCClassification, SGMCMCRegression
+from uq_box.methods.base import ClassificationTask, RegressionTask
+from uq_box.methods.sgmcmc import (
+    SGMCMC,
+    PSGLDClassification,
+    PSGLDRegression,
+    SGHMCClassification,
+    SGHMCRegression,
+    SGLDClassification,
+    SGLDRegression,
+    SGMCMCClassification,
+    SGMCMCRegression,
+)
 from uq_box.models import MLP
 from uq_box.optim import SGHMC, SGLD
 
@@ -214,12 +226,12 @@ def test_quality_on_toy_heteroscedastic():
     [
         (
             "toy_heteroscedastic",
-            SGMCMCRegression,
+            PSGLDRegression,
             {"test_nll", "test_rmse", "test_crps", "test_coverage_95", "test_miscalibration_area"},
         ),
         (
             "two_moons",
-            SGMCMCClassification,
+            PSGLDClassification,
             {"test_accuracy", "test_nll", "test_brier", "test_ece"},
         ),
     ],
@@ -245,6 +257,23 @@ def test_cli_config(dataset, method_cls, keys, tmp_path, monkeypatch):
     samples = preds["logits"] if dataset == "two_moons" else preds["samples"]
     assert samples.shape[:2] == (model.num_samples, 7)
     assert all(torch.isfinite(v).all() for v in preds.values())
+
+
+def test_cli_sghmc_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, metrics = fit_config(
+        "toy_heteroscedastic/sghmc.yaml",
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_epochs=3",
+        "--model.init_args.burnin_epochs=1",
+        "--model.init_args.num_burn_in_steps=5",
+    )
+    assert type(model) is SGHMCRegression and "test_nll" in metrics
+    optimizer = model.trainer.optimizers[0]
+    assert isinstance(optimizer, SGHMC)
+    assert optimizer.defaults == {"lr": 0.01, "mdecay": 0.05, "num_burn_in_steps": 5}
+    assert model.num_collected == 2 * model.trainer.num_training_batches // 10
 
 
 # -- 6. errors and warnings -----------------------------------------------------------------------
@@ -304,3 +333,89 @@ def test_argument_errors():
     assert isinstance(method, SGMCMC) and not isinstance(method, RegressionTask)
     with pytest.raises(ValueError, match="class indices"):
         method.loss(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+# -- 7. the sampler fixed: SGLD, pSGLD, SGHMC ---------------------------------------------------
+FIXED = [
+    (SGLDRegression, {"lr": 1e-4}, partial(SGLD, lr=1e-4)),
+    (
+        PSGLDRegression,
+        {"lr": 2e-3, "num_burn_in_steps": 4},
+        partial(SGLD, lr=2e-3, preconditioned=True, num_burn_in_steps=4),
+    ),
+    (
+        SGHMCRegression,
+        {"lr": 5e-3, "mdecay": 0.1, "num_burn_in_steps": 3},
+        partial(SGHMC, lr=5e-3, mdecay=0.1, num_burn_in_steps=3),
+    ),
+    (SGLDClassification, {"lr": 1e-3}, partial(SGLD, lr=1e-3)),
+    (PSGLDClassification, {}, partial(SGLD, lr=1e-3, preconditioned=True)),
+    (SGHMCClassification, {"num_burn_in_steps": 3}, partial(SGHMC, lr=1e-2, num_burn_in_steps=3)),
+]
+FIXED_IDS = [cls.__name__ for cls, _, _ in FIXED]
+
+
+def fixed_sampler_fit(make, classification):
+    """3 epochs on 70 points (3 steps each), samples every 2nd step after 1 burn-in epoch."""
+    seed_everything(0)
+    if classification:
+        dm, net = TwoMoonsDatamodule(n_points=100, batch_size=32), MLP(2, [8], 2)
+    else:
+        dm, net = ToyHeteroscedasticDatamodule(batch_size=32, n_points=100), MLP(1, [8], 2)
+    method = make(net, burnin_epochs=1, thinning=2, max_num_samples=3, prior=0.5)
+    quiet_trainer(max_epochs=3, limit_val_batches=0).fit(method, dm)
+    return method, dm
+
+
+@pytest.mark.filterwarnings("ignore:samples are collected while the sampler still adapts")
+@pytest.mark.parametrize(("cls", "kwargs", "sampler"), FIXED, ids=FIXED_IDS)
+def test_fixed_sampler_equals_the_general_class_with_that_sampler(cls, kwargs, sampler):
+    classification = issubclass(cls, ClassificationTask)
+    general = SGMCMCClassification if classification else SGMCMCRegression
+    fixed, dm = fixed_sampler_fit(partial(cls, **kwargs), classification)
+    reference, _ = fixed_sampler_fit(partial(general, optimizer=sampler), classification)
+    assert isinstance(fixed, SGMCMC)
+    optimizer = fixed.trainer.optimizers[0]
+    assert type(optimizer) is type(reference.trainer.optimizers[0])
+    assert optimizer.defaults == reference.trainer.optimizers[0].defaults
+    assert fixed.num_samples == reference.num_samples == 3
+    for key, value in reference.state_dict().items():
+        assert torch.equal(fixed.state_dict()[key], value), key
+    x = dm.X_test[:7]
+    expected, got = reference.predict_step(x), fixed.predict_step(x)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [(SGLDRegression, {"lr": 1e-4}), (SGHMCClassification, {"lr": 5e-3, "num_burn_in_steps": 3})],
+    ids=["SGLDRegression", "SGHMCClassification"],
+)
+def test_fixed_sampler_round_trips_through_a_checkpoint(cls, kwargs, tmp_path):
+    classification = cls is SGHMCClassification
+    method, dm = fixed_sampler_fit(partial(cls, **kwargs), classification)
+    path = tmp_path / "fixed.ckpt"
+    method.trainer.save_checkpoint(path)
+    net = MLP(2, [8], 2) if classification else MLP(1, [8], 2)
+    loaded = cls.load_from_checkpoint(path, model=net, weights_only=True)
+    assert type(loaded) is cls
+    assert {k: loaded.hparams[k] for k in kwargs} == kwargs
+    assert loaded.thinning == 2 and loaded.max_num_samples == 3 and loaded.num_collected == 3
+    x = dm.X_test[:7]
+    expected, got = method.predict_step(x), loaded.predict_step(x)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    # and trains on with the same sampler
+    assert type(loaded.configure_optimizers()) is type(method.trainer.optimizers[0])
+
+
+def test_fixed_sampler_arguments():
+    with pytest.raises(TypeError, match="fixes its sampler"):
+        SGLDRegression(MLP(1, [8], 2), optimizer=partial(SGLD, lr=1e-3))
+    with pytest.raises(ValueError, match="`lr`"):
+        SGLDRegression(MLP(1, [8], 2), lr=-1.0)  # at construction, not at the first step
+    with pytest.raises(ValueError, match="`mdecay`"):
+        SGHMCRegression(MLP(1, [8], 2), mdecay=2.0)
+    with pytest.raises(ValueError, match="`max_num_samples`"):
+        PSGLDClassification(MLP(2, [8], 2), max_num_samples=0)

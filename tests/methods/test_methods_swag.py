@@ -65,7 +65,7 @@ def fitted_small():
         MLP(1, [8], 2),
         optimizer=partial(torch.optim.Adam, lr=1e-2),
         burnin_epochs=2,
-        max_num_models=4,
+        max_num_samples=4,
     )
     recorder = RecordParameters()
     quiet_trainer(max_epochs=9, callbacks=[recorder]).fit(method, dm)
@@ -96,7 +96,7 @@ def test_moments_equal_averages_of_recorded_snapshots(fitted_small):
 
 def test_deviations_fill_in_order_before_the_buffer_is_full():
     torch.manual_seed(0)
-    method = SWAGRegression(MLP(1, [4], 2), max_num_models=5)
+    method = SWAGRegression(MLP(1, [4], 2), max_num_samples=5)
     assert method.num_snapshots == 0
     thetas = take_snapshots(method, 3)
     means = thetas.cumsum(0) / torch.arange(1, 4).unsqueeze(-1)
@@ -115,20 +115,20 @@ def small_net():
 
 
 @pytest.mark.parametrize(
-    ("num_snapshots", "max_num_models", "scale"),
+    ("num_snapshots", "max_num_samples", "scale"),
     [(6, 4, 0.5), (2, 4, 0.5), (5, 1, 0.5), (6, 4, 1.0)],
     ids=["full_K4", "two_deviations", "diagonal_only_K1", "scale1"],
 )
-def test_sample_mean_and_covariance(num_snapshots, max_num_models, scale):
+def test_sample_mean_and_covariance(num_snapshots, max_num_samples, scale):
     torch.manual_seed(0)
     method = SWAGRegression(
-        small_net(), criterion=nn.MSELoss(), max_num_models=max_num_models, scale=scale
+        small_net(), criterion=nn.MSELoss(), max_num_samples=max_num_samples, scale=scale
     )
     take_snapshots(method, num_snapshots)
     num_params = 13
     assert method.swag_mean.shape == (num_params,)
-    assert method.swag_deviations.shape == (max_num_models, num_params)
-    k = min(num_snapshots, max_num_models)
+    assert method.swag_deviations.shape == (max_num_samples, num_params)
+    k = min(num_snapshots, max_num_samples)
     diag = (method.swag_sq_mean - method.swag_mean**2).clamp(min=1e-30)
     cov = torch.diag(diag)
     if k >= 2:
@@ -163,7 +163,7 @@ def test_one_snapshot_gives_the_snapshot():
 @pytest.mark.parametrize("names", [[-1], ["model.6"]], ids=["index", "name"])
 def test_only_the_chosen_layer_varies(names):
     torch.manual_seed(0)
-    method = SWAGRegression(MLP(1, [8, 8], 2), stochastic_module_names=names, max_num_models=3)
+    method = SWAGRegression(MLP(1, [8, 8], 2), stochastic_module_names=names, max_num_samples=3)
     assert method.parameter_names == ["model.6.weight", "model.6.bias"]
     assert method.swag_mean.shape == (8 * 2 + 2,)
     take_snapshots(method, 5)  # every parameter moves, only the last layer is recorded
@@ -205,7 +205,7 @@ def test_buffers_in_state_dict_and_reload_predicts_identically(fitted_small, tmp
     method, dm, _ = fitted_small
     state = method.state_dict()
     assert set(BUFFERS) <= set(state)
-    fresh = SWAGRegression(MLP(1, [8], 2), burnin_epochs=2, max_num_models=4)
+    fresh = SWAGRegression(MLP(1, [8], 2), burnin_epochs=2, max_num_samples=4)
     assert fresh.num_snapshots == 0
     fresh.load_state_dict(state)
     assert fresh.num_snapshots == 7
@@ -221,7 +221,7 @@ def test_buffers_in_state_dict_and_reload_predicts_identically(fitted_small, tmp
     trainer.strategy.connect(method)
     trainer.save_checkpoint(tmp_path / "swag.ckpt")
     loaded = SWAGRegression.load_from_checkpoint(tmp_path / "swag.ckpt", model=MLP(1, [8], 2))
-    assert loaded.max_num_models == 4 and loaded.burnin_epochs == 2
+    assert loaded.max_num_samples == 4 and loaded.burnin_epochs == 2
     torch.manual_seed(5)
     got = loaded.predict_step(x)
     torch.testing.assert_close(got["pred"], expected["pred"], rtol=0, atol=0)
@@ -317,7 +317,7 @@ def test_cli_config(dataset, method_cls, keys, tmp_path, monkeypatch):
     assert keys <= set(metrics), metrics
     assert type(model) is method_cls
     assert model.num_snapshots == 2 and model.num_mc_samples_test == 30
-    assert model.max_num_models == 20 and model.scale == 0.5
+    assert model.max_num_samples == 20 and model.scale == 0.5
     x = torch.linspace(-1.0, 1.0, 14).reshape(7, 2) if dataset == "two_moons" else torch.ones(7, 1)
     preds = model.predict_step(x)
     samples = preds["logits"] if dataset == "two_moons" else preds["samples"]
@@ -344,8 +344,8 @@ def test_predict_before_any_snapshot_is_a_clear_error():
 
 
 def test_argument_errors():
-    with pytest.raises(ValueError, match="`max_num_models`"):
-        SWAGRegression(MLP(1, [8], 2), max_num_models=0)
+    with pytest.raises(ValueError, match="`max_num_samples`"):
+        SWAGRegression(MLP(1, [8], 2), max_num_samples=0)
     with pytest.raises(ValueError, match="`num_mc_samples_test`"):
         SWAGRegression(MLP(1, [8], 2), num_mc_samples_test=0)
     with pytest.raises(ValueError, match="`burnin_epochs`"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from uq_box.models import CNN, MLP
-from uq_box.nn import MCDropout, StackedEnsemble, mc_sampling, sample_forward, to_mc_dropout
+from uq_box.nn import MCDropout, StackedEnsemble, sample_forward, to_mc_dropout
 
 
 # -- to_mc_dropout ---------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ METHODS = [
     ),
     MethodCase(
         "SWAGRegression",
-        partial(SWAGRegression, max_num_models=3, num_mc_samples_test=4, burnin_epochs=1),
+        partial(SWAGRegression, max_num_samples=3, num_mc_samples_test=4, burnin_epochs=1),
         mlp(2),
         "regression",
     ),
@@ -143,7 +143,7 @@ METHODS = [
         partial(
             SWAGClassification,
             stochastic_module_names=[-1],
-            max_num_models=3,
+            max_num_samples=3,
             num_mc_samples_test=4,
         ),
         mlp(2),

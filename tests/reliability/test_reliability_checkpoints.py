@@ -11,7 +11,9 @@ For each method, on small data (4 training batches per epoch, 3 epochs, ``determ
 - ``load_from_checkpoint(path, model=<fresh backbone>, weights_only=True)`` restores everything a
   prediction needs: the same seed gives the same predictions (nothing pickled blocks
   ``weights_only``);
-- the post-hoc wrappers (conformal regression, temperature scaling) round-trip as well.
+- the post-hoc wrappers (conformal regression, temperature scaling) round-trip as well;
+- Laplace (the `laplace` extra) resumes mid-epoch to the uninterrupted fit, Laplace approximation
+  included.
 
 The killed-process variant (SIGKILL mid-epoch, resume in a new process) is in
 ``test_reliability_resume_kill.py``.
@@ -46,6 +48,8 @@ from uq_box.methods import (
     SWAGRegression,
     TemperatureScaling,
 )
+from uq_box.methods.base import METHOD_STATE_KEY, OWNED_HOOKS, RESUME_STATE_KEY
+from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression, _plain_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 
@@ -124,7 +128,7 @@ def test_reproducible_resumable_and_reloadable(case, tmp_path):
 
 SWAG_EVERY_EPOCH = MethodCase(
     "SWAGRegression",
-    partial(SWAGRegression, max_num_models=3, num_mc_samples_test=4),  # a snapshot every epoch
+    partial(SWAGRegression, max_num_samples=3, num_mc_samples_test=4),  # a snapshot every epoch
     mlp(2),
     "regression",
 )
@@ -140,6 +144,102 @@ def test_resume_from_an_epoch_end_checkpoint(case, tmp_path):
     resumed, metrics_resumed, _ = fit_and_test(case, seed=1, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert_same_state(state_of(method), state_of(resumed))
     assert metrics_resumed == metrics
+
+
+LAPLACE = [
+    MethodCase(
+        "LaplaceRegression", partial(LaplaceRegression, num_mc_samples_test=4), mlp(1), "regression"
+    ),
+    MethodCase(
+        "LaplaceClassification",
+        partial(LaplaceClassification, num_mc_samples_test=4),
+        mlp(2),
+        "classification",
+    ),
+]
+
+
+def assert_same_laplace(a, b) -> None:
+    """Two fitted laplace-torch approximations hold the same state, tensor for tensor."""
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flat(item, f"{prefix}{key}.")
+        elif isinstance(value, tuple | list):
+            for i, item in enumerate(value):
+                yield from flat(item, f"{prefix}{i}.")
+        else:
+            yield prefix, value
+
+    left, right = dict(flat(_plain_state(a.state_dict()))), dict(flat(_plain_state(b.state_dict())))
+    assert left.keys() == right.keys()
+    different = [
+        k
+        for k in left
+        if not (
+            torch.equal(left[k], right[k])
+            if isinstance(left[k], torch.Tensor)
+            else left[k] == right[k]
+        )
+    ]
+    assert not different, f"Laplace states differ: {different}"
+
+
+@pytest.mark.laplace
+@pytest.mark.parametrize("case", LAPLACE, ids=[case.name for case in LAPLACE])
+def test_laplace_resumes_to_the_uninterrupted_fit(case, tmp_path):
+    """A Laplace fit resumed mid-epoch (``ckpt_path``, another seed) ends as the uninterrupted
+    one: the weights, the noise estimate, the logged epoch means, the Laplace approximation fitted
+    when training ends, and the (sampled) test predictions, bit for bit."""
+    steps = ModelCheckpoint(
+        dirpath=tmp_path, filename="{step}", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1
+    )
+    method, metrics, fit_trainer = fit_and_test(case, callbacks=[steps])
+    assert method.la is not None
+    logged = {k: float(v) for k, v in fit_trainer.callback_metrics.items()}
+    for step in (6, 10):
+        resumed, metrics_resumed, resumed_trainer = fit_and_test(
+            case, seed=1, ckpt_path=tmp_path / f"step={step}.ckpt"
+        )
+        assert_same_state(state_of(method), state_of(resumed))
+        assert_same_laplace(method.la, resumed.la)
+        assert metrics_resumed == metrics
+        assert {k: float(v) for k, v in resumed_trainer.callback_metrics.items()} == logged
+
+
+@pytest.mark.parametrize("hook", sorted(OWNED_HOOKS))
+def test_a_method_overriding_an_owned_lightning_hook_is_refused(hook):
+    """The base keeps the resume state in Lightning's hooks; a method uses the uq_box hooks."""
+    with pytest.raises(TypeError, match=f"overrides Lightning's `{hook}`.*`{OWNED_HOOKS[hook]}`"):
+        type("Custom", (SWAGRegression,), {hook: lambda self, *args: None})
+
+
+def test_extra_checkpoint_state_round_trips_next_to_the_resume_state(tmp_path):
+    """A method's extra state goes into checkpoints and comes back before the weights load."""
+
+    class Counting(DeterministicClassification):
+        def on_fit_begin(self):
+            self.fits = getattr(self, "fits", 0) + 1
+
+        def extra_checkpoint_state(self):
+            return {"fits": torch.tensor(self.fits)}
+
+        def load_extra_checkpoint_state(self, state, weights):
+            self.fits = None if state is None else int(state["fits"])
+            self.weights_seen = set(weights)
+
+    seed_everything(0)
+    method = Counting(mlp(2)())
+    fit_trainer = trainer(max_epochs=1)
+    fit_trainer.fit(method, datamodule("classification"))
+    fit_trainer.save_checkpoint(tmp_path / "counting.ckpt")
+    checkpoint = torch.load(tmp_path / "counting.ckpt", weights_only=True)
+    assert {RESUME_STATE_KEY, METHOD_STATE_KEY} <= set(checkpoint)
+    loaded = Counting.load_from_checkpoint(
+        tmp_path / "counting.ckpt", model=mlp(2)(), weights_only=True
+    )
+    assert loaded.fits == 1 and loaded.weights_seen == set(method.state_dict())
 
 
 def test_ensemble_given_as_a_list_reloads_from_one_fresh_network(tmp_path):

@@ -312,10 +312,10 @@ CASES = [
         "positive integer",
     ),
     Case(
-        "swag_max_num_models_negative",
-        on(lambda: SWAGRegression(mlp(), max_num_models=-2)),
+        "swag_max_num_samples_negative",
+        on(lambda: SWAGRegression(mlp(), max_num_samples=-2)),
         ValueError,
-        "`max_num_models`",
+        "`max_num_samples`",
         "got -2",
         "positive integer",
     ),

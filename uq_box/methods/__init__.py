@@ -17,7 +17,17 @@ from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegres
 from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
-from uq_box.methods.sgmcmc import SGMCMC, SGMCMCClassification, SGMCMCRegression
+from uq_box.methods.sgmcmc import (
+    SGMCMC,
+    PSGLDClassification,
+    PSGLDRegression,
+    SGHMCClassification,
+    SGHMCRegression,
+    SGLDClassification,
+    SGLDRegression,
+    SGMCMCClassification,
+    SGMCMCRegression,
+)
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 
 __all__ = [
@@ -40,8 +50,14 @@ __all__ = [
     "MCDropoutRegression",
     "MVERegression",
     "PostHocCalibration",
+    "PSGLDClassification",
+    "PSGLDRegression",
     "QuantileRegression",
     "RegressionTask",
+    "SGHMCClassification",
+    "SGHMCRegression",
+    "SGLDClassification",
+    "SGLDRegression",
     "SGMCMC",
     "SGMCMCClassification",
     "SGMCMCRegression",

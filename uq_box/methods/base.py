@@ -1,11 +1,12 @@
 """Base classes of the UQ methods.
 
 A method is :class:`UQMethod` (optimizer set-up, the training/validation/test/predict loop,
-logging) plus a *task* mixin (:class:`RegressionTask`) that says how outputs become a predictive
-distribution, which loss and metrics apply, and what output width the network must have. A method
-family only implements :meth:`UQMethod.sample_outputs` (and :meth:`UQMethod.loss` where the
-training objective is not the plain data loss), so ``XRegression`` and ``XClassification`` are
-thin subclasses that share one constructor.
+logging, checkpoint and resume state) plus a *task* mixin (:class:`RegressionTask`,
+:class:`ClassificationTask`) that says how outputs become a predictive distribution, which loss
+and metrics apply, and what output width the network must have. A method family implements
+:meth:`UQMethod.sample_outputs` (and the optional uq_box hooks it needs, listed on
+:class:`UQMethod`), so ``XRegression`` and ``XClassification`` are thin subclasses that share one
+constructor. The base owns Lightning's hooks; methods override the narrow uq_box hooks instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from lightning import LightningModule
@@ -37,6 +39,21 @@ LRSchedulerCallable = Callable[[Optimizer], Any]
 #: Checkpoint key of what a resumed fit needs beyond Lightning's state: the random generators'
 #: states and the running epoch sums (see ``UQMethod.on_train_start``).
 RESUME_STATE_KEY = "uq_box_resume_state"
+#: Checkpoint key of a method's own state beyond its parameters, buffers and hyperparameters
+#: (what :meth:`UQMethod.extra_checkpoint_state` returns).
+METHOD_STATE_KEY = "uq_box_method_state"
+#: Lightning hooks that :class:`UQMethod` implements and a subclass must not override, each with
+#: the uq_box hook to override instead (overriding one is a ``TypeError`` at class creation).
+OWNED_HOOKS = {
+    "on_fit_start": "on_fit_begin",
+    "on_train_start": "on_fit_begin",
+    "on_train_batch_start": "on_train_batch_begin",
+    "optimizer_step": "after_optimizer_step",
+    "on_train_epoch_end": "on_train_epoch_done",
+    "on_train_end": "on_train_done",
+    "on_save_checkpoint": "extra_checkpoint_state",
+    "on_load_checkpoint": "load_extra_checkpoint_state",
+}
 
 
 def positive_int(value: int, name: str) -> int:
@@ -103,13 +120,49 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class UQMethod(LightningModule):
-    """Training loop, logging and prediction shared by every method.
+    """Training loop, logging, checkpoint state and prediction shared by every method.
+
+    **The hooks contract.** A new method subclasses ``UQMethod`` (or a family base such as
+    :class:`uq_box.methods.sampled.ParameterSampling`) and a task mixin, and implements:
+
+    - :meth:`sample_outputs` (required): raw network outputs ``[S, N, ...]`` for ``S`` samples
+      or members; training, validation, testing and prediction all go through it.
+
+    The task mixin (:class:`RegressionTask` or :class:`ClassificationTask`, listed first in the
+    bases) supplies ``default_criterion``, ``check_criterion``, ``build_metrics``,
+    ``setup_task``, ``predictive``, ``data_loss``, ``burnin_loss``, ``running_terms``,
+    ``update_metrics`` and ``on_epoch_means``; a method rarely touches them.
+
+    Optional uq_box hooks, each a no-op (or the plain behaviour) unless overridden:
+
+    - :meth:`loss`: the training objective (default: the data loss over
+      ``num_mc_samples_train`` samples, the burn-in loss in the first ``burnin_epochs``);
+    - :meth:`optimizer_parameters`, :meth:`check_optimizer` and :attr:`default_optimizer`: what
+      the ``optimizer`` callable gets, what it may build, and what runs when none is given;
+    - :meth:`on_fit_begin`: at the start of every fit (drop state that depends on the weights);
+    - :meth:`on_train_batch_begin`: before every training step;
+    - :meth:`after_optimizer_step`: after every optimizer step, before the callbacks see the
+      batch end (a step checkpoint then holds what this hook stored);
+    - :meth:`on_train_epoch_done`: after a training epoch's means are logged;
+    - :meth:`on_train_done`: when training ends, still on the training device (post-training
+      fits; methods that need snapshots take one here in a ``fast_dev_run`` smoke test);
+    - :meth:`extra_checkpoint_state` / :meth:`load_extra_checkpoint_state`: state a checkpoint
+      carries beyond the parameters, buffers and hyperparameters (which Lightning saves anyway:
+      prefer registered buffers, and use these only for what cannot be one).
+
+    Lightning's own hooks in :data:`OWNED_HOOKS` (``on_fit_start``, ``on_train_start``,
+    ``on_train_batch_start``, ``optimizer_step``, ``on_train_epoch_end``, ``on_train_end``,
+    ``on_save_checkpoint``, ``on_load_checkpoint``) belong to the base: it saves and restores the
+    random generators and the running epoch sums there, so that a fit resumed from ``ckpt_path``
+    equals the uninterrupted one. A subclass that overrides one of them is refused with a
+    ``TypeError`` naming the uq_box hook to use. ``training_step``, ``validation_step``,
+    ``predict_step`` and ``configure_optimizers`` may be extended (call ``super()``).
 
     Args:
         model: the backbone (any ``nn.Module``).
         criterion: the data loss; the task's default when ``None``.
         optimizer: callable taking the parameters, e.g. ``partial(torch.optim.Adam, lr=1e-3)``
-            (Adam with ``lr=1e-3`` when ``None``).
+            (:attr:`default_optimizer`, Adam with ``lr=1e-3``, when ``None``).
         lr_scheduler: callable taking the optimizer (``ReduceLROnPlateau`` watches ``val_loss``).
     """
 
@@ -122,6 +175,19 @@ class UQMethod(LightningModule):
     _num_training_points_given: int | None = None
     #: Whether floating point targets follow the inputs into the network's dtype (regression).
     cast_targets: bool = True
+    #: The optimizer when ``optimizer`` is ``None``.
+    default_optimizer: ClassVar[OptimizerCallable] = partial(torch.optim.Adam, lr=1e-3)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass that overrides one of the Lightning hooks the base owns."""
+        super().__init_subclass__(**kwargs)
+        for hook, instead in OWNED_HOOKS.items():
+            if hook in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} overrides Lightning's `{hook}`, which UQMethod owns (it "
+                    f"keeps the checkpoint and resume state there); override the uq_box hook "
+                    f"`{instead}` instead (see the UQMethod docstring)"
+                )
 
     def __init__(
         self,
@@ -193,9 +259,12 @@ class UQMethod(LightningModule):
         """Loss of the burn-in epochs (the data loss unless the task has a simpler one)."""
         return self.data_loss(outputs, target)
 
-    # -- method hooks -------------------------------------------------------------------------
+    # -- method hooks: sample_outputs is required, the others are optional --------------------
     def sample_outputs(self, x: Tensor, num_samples: int) -> Tensor:
-        """Raw network outputs ``[S, N, ...]`` for ``S = num_samples`` samples or members."""
+        """Raw network outputs ``[S, N, ...]`` for ``S = num_samples`` samples or members.
+
+        Every method implements it (the only required method hook).
+        """
         raise NotImplementedError
 
     @property
@@ -237,13 +306,58 @@ class UQMethod(LightningModule):
             self._num_training_points = size
         return self._num_training_points
 
-    # -- Lightning hooks ----------------------------------------------------------------------
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """The parameters the ``optimizer`` callable gets (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def check_optimizer(self, optimizer: Optimizer) -> None:
+        """Fail early on an optimizer the method cannot train with (default: any is fine)."""
+
+    # -- optional lifecycle hooks (the base calls them from Lightning's hooks) ---------------
+    def on_fit_begin(self) -> None:
+        """At the start of every fit (default: nothing).
+
+        A resumed fit has loaded its checkpoint into the module by then; training (and the
+        restoring of the optimizer and loop state) follows.
+        """
+
+    def on_train_batch_begin(self, batch_idx: int) -> None:
+        """Before every training step (default: nothing)."""
+
+    def after_optimizer_step(self) -> None:
+        """After every optimizer step, before the callbacks' batch-end hooks (default: nothing)."""
+
+    def on_train_epoch_done(self) -> None:
+        """After a training epoch's means are logged (default: nothing)."""
+
+    def on_train_done(self) -> None:
+        """When training ends, still on the training device (default: nothing)."""
+
+    def extra_checkpoint_state(self) -> dict[str, Any] | None:
+        """A method's state beyond parameters, buffers and hyperparameters, for checkpoints.
+
+        Tensors and plain containers only (``weights_only=True`` loading); ``None`` saves
+        nothing (the default).
+        """
+        return None
+
+    def load_extra_checkpoint_state(
+        self, state: dict[str, Any] | None, weights: dict[str, Tensor]
+    ) -> None:
+        """Restore what :meth:`extra_checkpoint_state` saved (``None``: the checkpoint has none).
+
+        Called when a checkpoint is loaded (``load_from_checkpoint`` or a resumed fit) *before*
+        Lightning loads ``weights``, the checkpoint's ``state_dict``, into the module.
+        """
+
+    # -- Lightning hooks (owned by the base, see OWNED_HOOKS) ---------------------------------
     def on_fit_start(self) -> None:
         """Read ``N`` afresh for every fit (the same model may be fit on other data)."""
         self._num_training_points = None
+        self.on_fit_begin()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the random generators' states and the running sums of the epoch in progress."""
+        """Store the generators' states, the running epoch sums and the method's extra state."""
         state: dict[str, Any] = {
             "torch_rng": torch.get_rng_state(),
             "running": {k: [v.detach().clone(), int(n)] for k, (v, n) in self._running.items()},
@@ -251,10 +365,16 @@ class UQMethod(LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         checkpoint[RESUME_STATE_KEY] = state
+        extra = self.extra_checkpoint_state()
+        if extra is not None:
+            checkpoint[METHOD_STATE_KEY] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the checkpoint's resume state for :meth:`on_train_start` (resuming only)."""
+        """Keep the resume state for :meth:`on_train_start`; restore the method's own state."""
         self._resume_state = checkpoint.get(RESUME_STATE_KEY)
+        self.load_extra_checkpoint_state(
+            checkpoint.get(METHOD_STATE_KEY), checkpoint.get("state_dict", {})
+        )
 
     def on_train_start(self) -> None:
         """When resuming a fit (``ckpt_path``), restore the state saved with the checkpoint.
@@ -275,14 +395,42 @@ class UQMethod(LightningModule):
         for key, (total, count) in state["running"].items():
             self._running[key] = [total.to(self.device), count]
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Call :meth:`on_train_batch_begin`."""
+        self.on_train_batch_begin(batch_idx)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Lightning's optimizer step, then :meth:`after_optimizer_step`."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step()
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch means of the training terms, then :meth:`on_train_epoch_done`."""
+        self._log_running("train")
+        self.on_train_epoch_done()
+
+    def on_train_end(self) -> None:
+        """Call :meth:`on_train_done`."""
+        self.on_train_done()
+
     def forward(self, x: Tensor) -> Tensor:
         """The backbone's output (one sample for a stochastic network)."""
         return self.model(x)
 
     def configure_optimizers(self) -> Any:
-        """The optimizer (and scheduler) from the callables given at construction."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = (self.optimizer or (lambda p: torch.optim.Adam(p, lr=1e-3)))(params)
+        """The optimizer (and scheduler) from the callables given at construction.
+
+        ``optimizer`` (or :attr:`default_optimizer`) gets :meth:`optimizer_parameters`; the
+        result goes through :meth:`check_optimizer`.
+        """
+        optimizer = (self.optimizer or self.default_optimizer)(self.optimizer_parameters())
+        self.check_optimizer(optimizer)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
@@ -326,10 +474,6 @@ class UQMethod(LightningModule):
             x = self._as_network_dtype(x.to(self.device))
             outputs = self.sample_outputs(x, self.num_mc_samples_test)
             return self.predictive(outputs)
-
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch means of the training terms."""
-        self._log_running("train")
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation terms and metrics (a metric's name wins over a term's)."""
@@ -569,6 +713,8 @@ class ClassificationTask:
 
 
 __all__ = [
+    "METHOD_STATE_KEY",
+    "OWNED_HOOKS",
     "ClassificationTask",
     "RegressionTask",
     "UQMethod",

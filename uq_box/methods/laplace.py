@@ -3,9 +3,9 @@
 
 Training is ordinary MAP training of the network on the data loss (a Lightning ``fit``; the
 regression network gives the mean only, trained on the MSE). When training ends
-(``on_train_end``, still on the training device) the Laplace approximation is fitted around the
-trained weights on the data module's training split, then its hyperparameters are tuned by
-maximizing the Laplace log marginal likelihood. :meth:`Laplace.fit_laplace` does the same for a
+(:meth:`~uq_box.methods.base.UQMethod.on_train_done`, still on the training device) the Laplace
+approximation is fitted around the trained weights on the data module's training split, then its
+hyperparameters are tuned by maximizing the Laplace log marginal likelihood. :meth:`Laplace.fit_laplace` does the same for a
 network trained elsewhere (post hoc).
 
 Choices (see :class:`Laplace`):
@@ -50,9 +50,12 @@ Choices (see :class:`Laplace`):
   for last-layer Laplace; this class copies it for ``"all"``, so the method's own network is never
   changed). Inputs are moved to that device and the predictions back, so a model fitted on a GPU
   predicts on CPU inputs and vice versa. Checkpoints carry ``la.state_dict()`` (tensors and
-  plain values, so ``weights_only=True`` loading works): loading one rebuilds ``la`` around the
-  checkpoint's weights, on the device the weights are loaded to. Training again (another
-  ``fit``) drops ``la`` and fits a new one at the end.
+  plain values, so ``weights_only=True`` loading works) as the method's
+  :meth:`~uq_box.methods.base.UQMethod.extra_checkpoint_state`, next to the base's resume state
+  (random generators, running epoch sums): loading one rebuilds ``la`` around the checkpoint's
+  weights, on the device the weights are loaded to, and a fit resumed from a mid-training
+  checkpoint ends as the uninterrupted one. Training again (another ``fit``) drops ``la`` and
+  fits a new one at the end.
 
 laplace-torch is imported lazily, so this module imports without it; constructing a method
 without it raises an ``ImportError`` naming the extra.
@@ -98,9 +101,6 @@ FIT_BATCH_SIZE = 256
 PREDICT_CHUNK = 1024
 """Points per laplace-torch predictive call (bounds the Jacobians' memory)."""
 
-CHECKPOINT_KEY = "laplace_state"
-"""Checkpoint entry of the fitted approximation's ``state_dict()``."""
-
 INSTALL_HINT = (
     "install torch and torchvision first (laplace-torch needs torchvision), then "
     "`pip install 'uq_box[laplace]'`"
@@ -122,6 +122,23 @@ def _choice(value: Any, name: str, valid: tuple) -> Any:
     if value not in valid:
         raise ValueError(f"`{name}` must be one of {list(valid)}, got {value!r}")
     return value
+
+
+def _positive_finite(value: Any, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _int_at_least(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def _materialize(batches: Iterable) -> tuple[Tensor, Tensor]:
@@ -266,31 +283,14 @@ class Laplace(UQMethod):
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.subset_of_weights = _choice(subset_of_weights, "subset_of_weights", SUBSETS_OF_WEIGHTS)
         self.hessian_structure = _choice(hessian_structure, "hessian_structure", HESSIAN_STRUCTURES)
-        if (
-            isinstance(prior_precision, bool)
-            or not isinstance(prior_precision, numbers.Real)
-            or not math.isfinite(prior_precision)
-            or prior_precision <= 0
-        ):
-            raise ValueError(
-                f"`prior_precision` must be a positive finite number, got {prior_precision!r}"
-            )
-        self.prior_precision = float(prior_precision)
+        self.prior_precision = _positive_finite(prior_precision, "prior_precision")
         self.optimize_prior_precision = _choice(
             optimize_prior_precision, "optimize_prior_precision", PRIOR_TUNING
         )
         self.pred_type = _choice(pred_type, "pred_type", PRED_TYPES)
         self.link_approx = _choice(link_approx, "link_approx", LINK_APPROXIMATIONS)
         self.check_prediction_settings()
-        if (
-            isinstance(num_mc_samples_test, bool)
-            or not isinstance(num_mc_samples_test, int)
-            or num_mc_samples_test < 2
-        ):
-            raise ValueError(
-                f"`num_mc_samples_test` must be an integer >= 2, got {num_mc_samples_test!r}"
-            )
-        self.num_mc_samples_test = num_mc_samples_test
+        self.num_mc_samples_test = _int_at_least(num_mc_samples_test, "num_mc_samples_test", 2)
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self.la: Any = None
         self._warned_unfitted = False
@@ -316,11 +316,11 @@ class Laplace(UQMethod):
         """The MAP network's output as one sample ``[1, N, ...]`` (training, validation)."""
         return self.model(x).unsqueeze(0)
 
-    def on_fit_start(self) -> None:
+    def on_fit_begin(self) -> None:
         """Drop a previous Laplace approximation: the weights are about to change."""
         self.la = None
 
-    def on_train_end(self) -> None:
+    def on_train_done(self) -> None:
         """Fit the Laplace approximation on the training data, still on the training device."""
         trainer = self.trainer
         data = trainer.datamodule
@@ -380,27 +380,28 @@ class Laplace(UQMethod):
             prior_precision=self.prior_precision,
         )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the fitted approximation (``la.state_dict()``, tensors and plain values)."""
+    def extra_checkpoint_state(self) -> dict[str, Any] | None:
+        """The fitted approximation (``la.state_dict()``, tensors and plain values), if any."""
         if self.la is None:
-            return
+            return None
         state = _plain_state(self.la.state_dict())
         data = state.get("data")
         if isinstance(data, tuple | list):
             # last-layer Laplace keeps a training batch only to find the last layer (on 1 row)
             state["data"] = type(data)(d[:1] if isinstance(d, Tensor) else d for d in data)
-        checkpoint[CHECKPOINT_KEY] = state
+        return state
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def load_extra_checkpoint_state(
+        self, state: dict[str, Any] | None, weights: dict[str, Tensor]
+    ) -> None:
         """Rebuild ``la`` around the checkpoint's weights and load its saved state."""
         self.la = None
         self._warned_unfitted = False
-        state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             return
         laplace = import_laplace(type(self).__name__)
         # Lightning loads the weights only after this hook; `la` copies the network now
-        self.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.load_state_dict(weights, strict=False)
         device = next(self.model.parameters()).device
         state = _to_device(state, device)
         with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad():

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from uq_box.methods.base import UQMethod, eval_mode
 from uq_box.nn.convert import StochasticModuleNames, resolve_module_names
+from uq_box.nn.ensemble import map_stacked
 
 
 def sampled_parameter_names(
@@ -103,14 +104,37 @@ class ParameterSampling(UQMethod):
         return False
 
     def sample_outputs(self, x: Tensor, num_samples: int | None) -> Tensor:
-        """Outputs of ``S`` parameter samples in one vectorized call: ``[S, N, ...]``."""
+        """Outputs of ``S`` parameter samples in one vectorized call: ``[S, N, ...]``.
+
+        In training mode every sample gets its own copy of the buffers: a BatchNorm then
+        normalizes with the statistics of the batch, as a training-mode forward does, and its
+        in-place update of the running statistics (which under vmap cannot go into a buffer
+        shared by the samples) goes to the copies; the model's own buffers are left as they
+        are, as in eval mode (``predict_step``). A forward that vmap cannot vectorize runs
+        sample by sample (see :func:`uq_box.nn.ensemble.map_stacked`).
+        """
         stacked = self.unflatten(self.sample_parameters(num_samples))
         model = self.model
+        buffers: dict[str, Tensor] = {}
+        if model.training:
+            count = next(iter(stacked.values())).shape[0]
+            buffers = {
+                name: buffer.expand(count, *buffer.shape).clone()
+                for name, buffer in model.named_buffers()
+            }
 
-        def call(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, params, (x,))
+        def call(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, (params, buffers), (x,))
 
-        return vmap(call, randomness="different")(stacked)
+        return map_stacked(
+            self,
+            call,
+            (stacked, buffers),
+            x.device,
+            restore=model.buffers(),
+            what="samples",
+            training=model.training,
+        )
 
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The data loss of the network as it is."""

@@ -6,6 +6,14 @@ builds a :class:`uq_box.optim.SGMCMCOptimizer`, e.g. ``partial(SGLD, lr=1e-4)``,
 ``partial(SGLD, lr=1e-2, preconditioned=True)`` or ``partial(SGHMC, lr=1e-2)``. A plain optimizer
 (Adam, SGD) is refused: it would find a mode, not sample the posterior.
 
+The same methods with the sampler fixed, under the names users look for: :class:`SGLDRegression`
+/ :class:`SGLDClassification` (plain SGLD), :class:`PSGLDRegression` /
+:class:`PSGLDClassification` (preconditioned SGLD) and :class:`SGHMCRegression` /
+:class:`SGHMCClassification` (scale-adapted SGHMC). They take the sampler's hyperparameters
+(``lr``, ...) as their own arguments and every other argument of :class:`SGMCMC` by keyword;
+``SGLDRegression(net, lr=1e-4, ...)`` is ``SGMCMCRegression(net, optimizer=partial(SGLD,
+lr=1e-4), ...)``, number for number.
+
 **The loss the sampler sees.** The samplers draw ``theta ~ exp(-U(theta))`` with ``U`` the loss
 whose gradient is in ``p.grad`` (see :mod:`uq_box.optim.sgmcmc`). :meth:`SGMCMC.training_step`
 returns exactly
@@ -36,11 +44,12 @@ the first sampled one run once. Predicting changes no parameter.
 
 Choices:
 
-- ``stochastic_module_names`` (resolved by :func:`uq_box.methods.sampled.sampled_parameter_names`; any
-  layer type) picks the sampled parameters; ``None`` samples all. Only they are given to the
-  sampler and carry the prior: every other parameter *stays at its value* (its initial or
-  pretrained value), which makes the sampled layers a Bayesian model on fixed features. Use a
-  pretrained backbone (or ``None``) when the other layers should be fitted.
+- ``stochastic_module_names`` (resolved by
+  :func:`uq_box.methods.sampled.sampled_parameter_names`; any layer type) picks the sampled
+  parameters; ``None`` samples all. Only they are given to the sampler and carry the prior:
+  every other parameter *stays at its value* (its initial or pretrained value), which makes the
+  sampled layers a Bayesian model on fixed features. Use a pretrained backbone (or ``None``) when
+  the other layers should be fitted.
 - The regression task's MSE burn-in loss does not apply (``in_burnin`` is always False): burn-in
   epochs run the same sampler on the same ``U``, only no sample is kept. An adaptive sampler (SGHMC,
   pSGLD with ``num_burn_in_steps``) should finish adapting within the burn-in epochs; a warning
@@ -53,11 +62,11 @@ Choices:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
@@ -72,7 +81,7 @@ from uq_box.methods.base import (
 from uq_box.methods.sampled import ParameterSampling
 from uq_box.nn.convert import StochasticModuleNames
 from uq_box.nn.priors import Prior
-from uq_box.optim.sgmcmc import SGLD, SGMCMCOptimizer
+from uq_box.optim.sgmcmc import SGHMC, SGLD, SGMCMCOptimizer
 
 
 class SGMCMC(ParameterSampling):
@@ -138,10 +147,8 @@ class SGMCMC(ParameterSampling):
             ignore=["model", "criterion", "optimizer", "lr_scheduler", "prior"]
         )
 
-    def on_fit_start(self) -> None:
-        """Read ``N`` afresh and re-arm the adaptation warning for every fit."""
-        super().on_fit_start()
-        self._warned_adapting = False
+    #: The sampler when ``optimizer`` is ``None``: pSGLD.
+    default_optimizer = partial(SGLD, lr=1e-3, preconditioned=True)
 
     # -- the sampled parameters ------------------------------------------------------------------
 
@@ -212,66 +219,68 @@ class SGMCMC(ParameterSampling):
         loss = nll + neg_log_prior / self.num_training_points
         return {"loss": loss, "nll": nll, "neg_log_prior": neg_log_prior}, outputs
 
-    # -- Lightning hooks ---------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        """The sampler over the sampled parameters (and the scheduler, if given)."""
+    # -- uq_box hooks --------------------------------------------------------------------------
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """Only the sampled parameters go to the sampler."""
         params = dict(self.model.named_parameters())
-        sampled = [params[name] for name in self.parameter_names]
-        make = self.optimizer or partial(SGLD, lr=1e-3, preconditioned=True)
-        optimizer = make(sampled)
+        return [params[name] for name in self.parameter_names]
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """The ``optimizer`` must build an SG-MCMC sampler."""
         if not isinstance(optimizer, SGMCMCOptimizer):
             raise TypeError(
                 f"`optimizer` must build an SG-MCMC sampler (uq_box.optim.SGLD or SGHMC, or a "
                 f"subclass of uq_box.optim.SGMCMCOptimizer), got {type(optimizer).__name__}: a "
                 f"plain optimizer finds a mode instead of sampling the posterior"
             )
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config = {"scheduler": scheduler}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val_loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_fit_begin(self) -> None:
+        """Re-arm the adaptation warning for every fit."""
+        self._warned_adapting = False
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Log ``U / N`` and return ``U`` (summed over the data), the sampler's target."""
         return super().training_step(batch, batch_idx) * self.num_training_points
 
-    def optimizer_step(
-        self,
-        epoch: int,
-        batch_idx: int,
-        optimizer: Any,
-        optimizer_closure: Callable[[], Any] | None = None,
-    ) -> None:
-        """The sampler's step, then (after burn-in) the sample of every ``thinning``-th step.
+    def after_optimizer_step(self) -> None:
+        """After burn-in, keep the parameters after every ``thinning``-th sampler step.
 
-        Collected here rather than in ``on_train_batch_end``, which runs after the callbacks'
-        (``ModelCheckpoint(every_n_train_steps=...)``): a checkpoint taken after a step holds
-        that step's sample and step count, so a resumed run keeps the samples and their phase.
+        Collected right after the step rather than in ``on_train_batch_end``, which runs after
+        the callbacks' (``ModelCheckpoint(every_n_train_steps=...)``): a checkpoint taken after a
+        step holds that step's sample and step count, so a resumed run keeps the samples and
+        their phase.
         """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self._after_sampler_step()
-
-    def _after_sampler_step(self) -> None:
-        """After burn-in, keep the parameters after every ``thinning``-th step."""
         if self.current_epoch < self.burnin_epochs:
             return
         self.sgmcmc_num_steps.add_(1)
         if int(self.sgmcmc_num_steps.item()) % self.thinning:
             return
-        if not self._warned_adapting and any(
+        self._warn_if_adapting()
+        self.collect_sample()
+
+    def on_train_done(self) -> None:
+        """A ``fast_dev_run`` (smoke test) that ends before the first sample keeps one."""
+        if self.trainer.fast_dev_run and not self.has_samples:
+            rank_zero_info(
+                f"fast_dev_run: {type(self).__name__} kept the current weights as its one sample "
+                f"(`burnin_epochs`={self.burnin_epochs} were not reached) so that testing and "
+                f"the report run; its predictions have no epistemic part"
+            )
+            self.collect_sample()
+
+    def _warn_if_adapting(self) -> None:
+        if self._warned_adapting or not any(
             getattr(opt, "adapting", False) for opt in self.trainer.optimizers
         ):
-            self._warned_adapting = True
-            warnings.warn(
-                f"samples are collected while the sampler still adapts its scales "
-                f"(`num_burn_in_steps` of the sampler is more than the steps of "
-                f"`burnin_epochs`={self.burnin_epochs}); such samples are biased: raise "
-                f"`burnin_epochs` or lower the sampler's `num_burn_in_steps`",
-                stacklevel=2,
-            )
-        self.collect_sample()
+            return
+        self._warned_adapting = True
+        warnings.warn(
+            f"samples are collected while the sampler still adapts its scales "
+            f"(`num_burn_in_steps` of the sampler is more than the steps of "
+            f"`burnin_epochs`={self.burnin_epochs}); such samples are biased: raise "
+            f"`burnin_epochs` or lower the sampler's `num_burn_in_steps`",
+            stacklevel=3,
+        )
 
 
 class SGMCMCRegression(RegressionTask, SGMCMC):
@@ -290,4 +299,131 @@ class SGMCMCClassification(ClassificationTask, SGMCMC):
     """
 
 
-__all__ = ["SGMCMC", "SGMCMCClassification", "SGMCMCRegression"]
+# -- the sampler fixed: SGLD, pSGLD, SGHMC ----------------------------------------------------
+def _fixed_sampler(owner: SGMCMC, kwargs: dict[str, Any], make: Any) -> Any:
+    """Check the sampler's hyperparameters now (on a stand-in parameter) and refuse ``optimizer``."""
+    if "optimizer" in kwargs:
+        raise TypeError(
+            f"{type(owner).__name__} fixes its sampler, so it takes no `optimizer`; pass the "
+            f"sampler's hyperparameters (`lr`, ...) or use SGMCMCRegression/SGMCMCClassification "
+            f"with `optimizer` for another sampler"
+        )
+    make([nn.Parameter(torch.zeros(()))])
+    return make
+
+
+class _SGLDMethod(SGMCMC):
+    """SG-MCMC with plain SGLD (Welling & Teh 2011) as the sampler.
+
+    Args:
+        model: the backbone.
+        lr: the SGLD step size (see :class:`uq_box.optim.SGLD`).
+        **kwargs: any other argument of :class:`SGMCMC` (``criterion``, ``prior``,
+            ``burnin_epochs``, ``thinning``, ``max_num_samples``, ...), except ``optimizer``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, **kwargs: Any) -> None:
+        sampler = _fixed_sampler(self, kwargs, partial(SGLD, lr=lr))
+        super().__init__(model, optimizer=sampler, **kwargs)
+
+
+class _PSGLDMethod(SGMCMC):
+    """SG-MCMC with preconditioned SGLD (Li et al. 2016) as the sampler.
+
+    Args:
+        model: the backbone.
+        lr: the step size; ``alpha``, ``eps``, ``num_burn_in_steps``: the preconditioner's
+            (see :class:`uq_box.optim.SGLD` with ``preconditioned=True``).
+        **kwargs: any other argument of :class:`SGMCMC`, except ``optimizer``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        alpha: float = 0.99,
+        eps: float = 1e-5,
+        num_burn_in_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        sampler = partial(
+            SGLD,
+            lr=lr,
+            preconditioned=True,
+            alpha=alpha,
+            eps=eps,
+            num_burn_in_steps=num_burn_in_steps,
+        )
+        super().__init__(model, optimizer=_fixed_sampler(self, kwargs, sampler), **kwargs)
+
+
+class _SGHMCMethod(SGMCMC):
+    """SG-MCMC with scale-adapted SGHMC (Springenberg et al. 2016) as the sampler.
+
+    Args:
+        model: the backbone.
+        lr: the step size; ``mdecay``: the momentum decay; ``num_burn_in_steps``: the steps of
+            scale adaptation, to finish within ``burnin_epochs`` (see :class:`uq_box.optim.SGHMC`).
+        **kwargs: any other argument of :class:`SGMCMC`, except ``optimizer``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        mdecay: float = 0.05,
+        num_burn_in_steps: int = 3000,
+        **kwargs: Any,
+    ) -> None:
+        sampler = partial(SGHMC, lr=lr, mdecay=mdecay, num_burn_in_steps=num_burn_in_steps)
+        super().__init__(model, optimizer=_fixed_sampler(self, kwargs, sampler), **kwargs)
+
+
+class SGLDRegression(RegressionTask, _SGLDMethod):
+    """:class:`SGMCMCRegression` with plain SGLD: ``SGLDRegression(model, lr=1e-4, **kwargs)``.
+
+    ``lr`` is the SGLD step; the other keyword arguments are :class:`SGMCMC`'s (no
+    ``optimizer``).
+    """
+
+
+class SGLDClassification(ClassificationTask, _SGLDMethod):
+    """:class:`SGMCMCClassification` with plain SGLD (``lr``, then :class:`SGMCMC`'s keywords)."""
+
+
+class PSGLDRegression(RegressionTask, _PSGLDMethod):
+    """:class:`SGMCMCRegression` with preconditioned SGLD (pSGLD).
+
+    ``lr``, ``alpha``, ``eps`` and ``num_burn_in_steps`` are the sampler's (see
+    :class:`uq_box.optim.SGLD`); the other keyword arguments are :class:`SGMCMC`'s.
+    """
+
+
+class PSGLDClassification(ClassificationTask, _PSGLDMethod):
+    """:class:`SGMCMCClassification` with pSGLD; arguments as :class:`PSGLDRegression`."""
+
+
+class SGHMCRegression(RegressionTask, _SGHMCMethod):
+    """:class:`SGMCMCRegression` with scale-adapted SGHMC.
+
+    ``lr``, ``mdecay`` and ``num_burn_in_steps`` are the sampler's (see
+    :class:`uq_box.optim.SGHMC`); the other keyword arguments are :class:`SGMCMC`'s. Keep
+    ``num_burn_in_steps`` below the steps of ``burnin_epochs``.
+    """
+
+
+class SGHMCClassification(ClassificationTask, _SGHMCMethod):
+    """:class:`SGMCMCClassification` with SGHMC; arguments as :class:`SGHMCRegression`."""
+
+
+__all__ = [
+    "SGMCMC",
+    "PSGLDClassification",
+    "PSGLDRegression",
+    "SGHMCClassification",
+    "SGHMCRegression",
+    "SGLDClassification",
+    "SGLDRegression",
+    "SGMCMCClassification",
+    "SGMCMCRegression",
+]

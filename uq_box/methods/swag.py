@@ -7,9 +7,9 @@ the chosen parameters ``theta`` (a flat vector of ``P`` numbers) into in-memory 
 
 - ``swag_mean``: the running mean ``theta_SWA`` (first moment);
 - ``swag_sq_mean``: the running mean of ``theta ** 2`` (second moment, for the diagonal);
-- ``swag_deviations`` ``[K, P]``: the last ``K = max_num_models`` deviations
-  ``theta_i - theta_SWA`` (the mean *after* snapshot ``i`` entered it, as in the paper's
-  Algorithm 1), oldest first;
+- ``swag_deviations`` ``[K, P]``: the deviations ``theta_i - theta_SWA`` of the last
+  ``K = max_num_samples`` snapshots (the mean *after* snapshot ``i`` entered it, as in the
+  paper's Algorithm 1), oldest first;
 - ``swag_num_snapshots``: how many snapshots were taken.
 
 They are registered buffers, so they follow the module's device and dtype and go into
@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from uq_box.methods.base import (
@@ -86,7 +86,8 @@ class SWAG(ParameterSampling):
             The others keep their current trained values at prediction.
         burnin_epochs: epochs of ordinary training (on the criterion) before the first snapshot;
             one snapshot is taken at the end of every later training epoch.
-        max_num_models: ``K``, the number of last deviations kept (rank of the low-rank part).
+        max_num_samples: ``K``, the number of last snapshots whose deviations are kept (rank of
+            the low-rank part).
         num_mc_samples_test: parameter samples per prediction.
         scale: covariance scale; ``0.5`` is the paper's sampling rule.
         swa_lr: if given, the constant learning rate of every optimizer step from epoch
@@ -102,14 +103,14 @@ class SWAG(ParameterSampling):
         lr_scheduler: LRSchedulerCallable | None = None,
         stochastic_module_names: StochasticModuleNames = None,
         burnin_epochs: int = 0,
-        max_num_models: int = 20,
+        max_num_samples: int = 20,
         num_mc_samples_test: int = 30,
         scale: float = 0.5,
         swa_lr: float | None = None,
     ) -> None:
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
-        self.max_num_models = positive_int(max_num_models, "max_num_models")
+        self.max_num_samples = positive_int(max_num_samples, "max_num_samples")
         self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale >= 0:
             raise ValueError(f"`scale` must be a non-negative number, got {scale!r}")
@@ -126,7 +127,7 @@ class SWAG(ParameterSampling):
         self.register_buffer("swag_mean", torch.zeros(num_params, **like))
         self.register_buffer("swag_sq_mean", torch.zeros(num_params, **like))
         self.register_buffer(
-            "swag_deviations", torch.zeros(self.max_num_models, num_params, **like)
+            "swag_deviations", torch.zeros(self.max_num_samples, num_params, **like)
         )
         self.register_buffer(
             "swag_num_snapshots", torch.zeros((), dtype=torch.long, device=first.device)
@@ -141,8 +142,8 @@ class SWAG(ParameterSampling):
 
     @property
     def num_deviations(self) -> int:
-        """Rows of ``swag_deviations`` in use: ``min(num_snapshots, max_num_models)``."""
-        return min(self.num_snapshots, self.max_num_models)
+        """Rows of ``swag_deviations`` in use: ``min(num_snapshots, max_num_samples)``."""
+        return min(self.num_snapshots, self.max_num_samples)
 
     @torch.no_grad()
     def collect_snapshot(self) -> None:
@@ -152,7 +153,7 @@ class SWAG(ParameterSampling):
         self.swag_mean.mul_(n / (n + 1)).add_(theta / (n + 1))
         self.swag_sq_mean.mul_(n / (n + 1)).add_(theta**2 / (n + 1))
         deviation = theta - self.swag_mean
-        if n < self.max_num_models:
+        if n < self.max_num_samples:
             self.swag_deviations[n].copy_(deviation)
         else:  # drop the oldest row, keep the order oldest first
             self.swag_deviations.copy_(
@@ -202,7 +203,8 @@ class SWAG(ParameterSampling):
         self.check_samples()
         return self.unflatten(self.swag_mean.clone())
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    # -- uq_box hooks -------------------------------------------------------------------------
+    def on_train_batch_begin(self, batch_idx: int) -> None:
         """Hold the learning rate at ``swa_lr`` in the collection epochs (when given)."""
         if self.swa_lr is None or self.current_epoch < self.burnin_epochs:
             return
@@ -210,10 +212,19 @@ class SWAG(ParameterSampling):
             for group in optimizer.param_groups:
                 group["lr"] = self.swa_lr
 
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch's terms, then take a snapshot from epoch ``burnin_epochs`` on."""
-        super().on_train_epoch_end()
+    def on_train_epoch_done(self) -> None:
+        """Take a snapshot at the end of every training epoch from epoch ``burnin_epochs`` on."""
         if self.current_epoch >= self.burnin_epochs:
+            self.collect_snapshot()
+
+    def on_train_done(self) -> None:
+        """A ``fast_dev_run`` (smoke test) that ends before the first snapshot takes one."""
+        if self.trainer.fast_dev_run and not self.has_samples:
+            rank_zero_info(
+                f"fast_dev_run: {type(self).__name__} took one snapshot of the current weights "
+                f"(`burnin_epochs`={self.burnin_epochs} were not reached) so that testing and "
+                f"the report run; its predictions have no epistemic part"
+            )
             self.collect_snapshot()
 
 

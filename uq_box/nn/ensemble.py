@@ -3,19 +3,134 @@
 ``M`` copies of one architecture keep their parameters stacked along a leading dimension and run
 through ``torch.func.vmap`` over ``torch.func.functional_call``: one call (one optimizer step)
 trains all members, and nothing is reloaded from disk to predict.
+
+:func:`map_stacked` is that vectorized call for any backbone, shared with the methods that predict
+with stacked parameter samples (:class:`uq_box.methods.sampled.ParameterSampling`): attention on
+kernels vmap batches, and a loop over the members where a forward cannot be vectorized.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _key(name: str) -> str:
     return name.replace(".", ":")
+
+
+@contextmanager
+def batchable_attention(device: torch.device) -> Iterator[None]:
+    """Attention on kernels that ``torch.func.vmap`` batches, for a forward on ``device``.
+
+    Without it vmap runs these kernels through its fallback, a Python loop over the stacked
+    dimension with a "performance drop" ``UserWarning`` at every call (same numbers):
+
+    - the native fast path of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` (eval
+      mode without gradients: ``aten::_transformer_encoder_layer_fwd``,
+      ``aten::_native_multi_head_attention``) has no batching rule on any device; the global
+      switch ``torch.backends.mha`` turns it off and the layers take their Python path;
+    - on CPU ``F.scaled_dot_product_attention`` picks the flash kernel
+      ``aten::_scaled_dot_product_flash_attention_for_cpu``, which has none either; the math
+      backend (matmuls and a softmax) is batched. The CUDA kernels have batching rules and are
+      left as they are.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if torch.device(device).type == "cpu":
+            with sdpa_kernel([SDPBackend.MATH]):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def map_stacked(
+    owner: nn.Module,
+    call: Callable[..., Tensor],
+    stacked: Sequence[dict[str, Tensor]],
+    device: torch.device,
+    restore: Iterable[Tensor] = (),
+    what: str = "members",
+    training: bool | None = None,
+) -> Tensor:
+    """``torch.stack([call(*(slice i of stacked)) for i in range(S)])`` as one vmap call.
+
+    ``stacked`` are dicts of tensors with the leading dimension ``S``; vmap runs with
+    ``randomness="different"`` (dropout draws per member or sample).
+
+    Some forwards cannot be vectorized: a Python number read from an activation (``.item()``,
+    ``float(t)``, an ``if`` on a tensor), or an in-place op whose target is shared by the samples
+    while its operand is not (torchvision's ``out += identity`` when only the shortcut is
+    sampled). The first time vmap fails on ``owner`` (per train/eval mode of the network,
+    ``training``, by default ``owner.training``), the buffers in
+    ``restore`` get back the values they had before the attempt (a BatchNorm in training mode
+    may have updated its statistics already), the ``S`` calls run one by one, and a
+    ``UserWarning`` says so once; later calls in that mode loop directly. If the loop fails
+    too, its error (the network's own) is raised.
+    """
+    mode = bool(owner.training if training is None else training)
+    failed = owner.__dict__.setdefault("_vmap_failed", {})
+    if not failed.get(mode, False):
+        restore = list(restore)
+        saved = [t.clone() for t in restore] if mode not in failed else None
+        try:
+            with batchable_attention(device):
+                out = vmap(call, randomness="different")(*stacked)
+            failed[mode] = False
+            return out
+        except RuntimeError as error:
+            if saved is None:  # vectorized before in this mode: not a vmap limitation
+                raise
+            with torch.no_grad():
+                for tensor, value in zip(restore, saved, strict=True):
+                    tensor.copy_(value)
+            reason = str(error).strip().splitlines()[0].split(". ")[0][:200]
+    count = next(t for d in stacked for t in d.values()).shape[0]
+    with batchable_attention(device):
+        out = torch.stack(
+            [call(*({k: v[i] for k, v in d.items()} for d in stacked)) for i in range(count)]
+        )
+    if not failed.get(mode, False):
+        failed[mode] = True
+        warnings.warn(
+            f"{type(owner).__name__}: the {count} {what} cannot run as one torch.func.vmap call "
+            f"in {'training' if mode else 'eval'} mode ({reason}); they run one by one from now "
+            f"on (the same results, slower)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[str, dict[str, str]]:
+    """Every parameter and buffer name, tied ones included, to the first name of its tensor."""
+    result = {}
+    for kind, named in (
+        ("params", model.named_parameters(remove_duplicate=False)),
+        ("buffers", model.named_buffers(remove_duplicate=False)),
+    ):
+        first: dict[int, str] = {}
+        result[kind] = {name: first.setdefault(id(t), name) for name, t in named}
+    return result
+
+
+def _place(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Put each tensor in as the parameter or buffer of that dotted name (no copy, no cast)."""
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        slots = sub._parameters if leaf in sub._parameters else sub._buffers
+        slots[leaf] = tensor
 
 
 def reinitialized(model: nn.Module) -> nn.Module:
@@ -60,8 +175,25 @@ class StackedEnsemble(nn.Module):
         for name, value in buffers.items():
             self.register_buffer("buffer:" + _key(name), value.detach().clone())
         self._buffer_names = list(buffers)
-        # the architecture only: kept out of the module tree so it holds no state of its own
-        object.__setattr__(self, "_template", copy.deepcopy(members[0]).to("meta"))
+        # every name of a parameter or buffer, tied aliases included (an output layer sharing
+        # the embedding's weight), mapped to the name it is stacked under
+        self._aliases = _aliases(members[0])
+        # the architecture only: kept out of the module tree so it holds no state of its own.
+        # Moving to "meta" gives each module its own new tensors, which unties shared weights;
+        # tie them again, or functional_call (tie_weights=True) would leave the alias on meta
+        template = copy.deepcopy(members[0]).to("meta")
+        _place(
+            template,
+            {
+                alias: template.get_parameter(name)
+                for alias, name in self._aliases["params"].items()
+            },
+        )
+        _place(
+            template,
+            {alias: template.get_buffer(name) for alias, name in self._aliases["buffers"].items()},
+        )
+        object.__setattr__(self, "_template", template)
 
     def _stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         params = {k.replace(":", "."): v for k, v in self.params.items()}
@@ -77,16 +209,28 @@ class StackedEnsemble(nn.Module):
         def call(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
             return functional_call(self._template, (params, buffers), (x,))
 
-        return vmap(call, randomness="different")(*self._stacked())
+        params, buffers = self._stacked()
+        # in training mode a BatchNorm updates the members' own stacked statistics in place
+        return map_stacked(self, call, (params, buffers), x.device, restore=buffers.values())
 
     def member(self, index: int) -> nn.Module:
-        """A standalone copy of member ``index`` with its current weights."""
-        module = copy.deepcopy(self._template).to_empty(
-            device=next(iter(self.params.values())).device
-        )
+        """A standalone copy of member ``index`` with its current weights.
+
+        The copy has the stacked tensors' device and dtype (also after ``.double()`` of the
+        ensemble: ``load_state_dict`` would cast them to the template's dtype), its tied
+        weights stay tied and its non-persistent buffers are filled too.
+        """
+        module = copy.deepcopy(self._template)
         params, buffers = self._stacked()
-        state = {k: v[index].detach().clone() for k, v in {**params, **buffers}.items()}
-        module.load_state_dict(state)
+        own = {
+            name: nn.Parameter(
+                value[index].detach().clone(), module.get_parameter(name).requires_grad
+            )
+            for name, value in params.items()
+        }
+        _place(module, {alias: own[name] for alias, name in self._aliases["params"].items()})
+        own = {name: value[index].detach().clone() for name, value in buffers.items()}
+        _place(module, {alias: own[name] for alias, name in self._aliases["buffers"].items()})
         return module.train(self.training)
 
     def extra_repr(self) -> str:
@@ -110,4 +254,10 @@ def stack_members(
     return StackedEnsemble(members)
 
 
-__all__ = ["StackedEnsemble", "reinitialized", "stack_members"]
+__all__ = [
+    "StackedEnsemble",
+    "batchable_attention",
+    "map_stacked",
+    "reinitialized",
+    "stack_members",
+]

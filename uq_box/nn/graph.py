@@ -148,8 +148,8 @@ class MCPlan:
 
     def run(self, model: nn.Module, x: Tensor, state: MCState) -> tuple[Any, bool]:
         """``(output, folded)`` of one vectorized forward pass inside ``mc_sampling``."""
-        if self.graph_module is not None:
-            return self.graph_module(x), self.output_folded
+        if self.graph_module is not None:  # its forward: the graph module has no hooks
+            return self.graph_module.forward(x), self.output_folded
         if self.single_layer:
             return call_unfolded(model, x), True
         if not self.output_folded:
