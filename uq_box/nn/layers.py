@@ -140,7 +140,7 @@ class _BayesianLayer(BayesianModule, SamplingModule):
         mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
         shape = tuple(mu.shape) if state is None else (state.num_samples, *mu.shape)
         eps = torch.randn_like(mu) if state is None else state.weight_noise(self, name, shape, mu)
-        return mu + F.softplus(rho) * eps
+        return torch.addcmul(mu, F.softplus(rho), eps)  # one fused pass over [S, *shape]
 
     def _apply_mean(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The deterministic operation (``F.linear`` or ``F.conv*d``) with the given weights."""
