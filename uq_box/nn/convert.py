@@ -254,27 +254,11 @@ def _convert_layer(
 ) -> _BayesianLayer:
     if isinstance(old, nn.Linear):
         layer_args = dict(in_features=old.in_features, out_features=old.out_features)
-    elif isinstance(old, nn.modules.conv._ConvTransposeNd):
-        layer_args = dict(
-            in_channels=old.in_channels,
-            out_channels=old.out_channels,
-            kernel_size=old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            output_padding=old.output_padding,
-            dilation=old.dilation,
-            groups=old.groups,
-        )
     else:
-        layer_args = dict(
-            in_channels=old.in_channels,
-            out_channels=old.out_channels,
-            kernel_size=old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            dilation=old.dilation,
-            groups=old.groups,
-        )
+        names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+        layer_args = {name: getattr(old, name) for name in (*names, "groups")}
+        if isinstance(old, nn.modules.conv._ConvTransposeNd):
+            layer_args["output_padding"] = old.output_padding
     new = CONVERSIONS[type(old)](
         **layer_args,
         bias=old.bias is not None,
