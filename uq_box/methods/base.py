@@ -11,6 +11,7 @@ constructor. The base owns Lightning's hooks; methods override the narrow uq_box
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,18 @@ def positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     return int(value)
+
+
+def positive_finite(value: float, name: str) -> float:
+    """Check that argument ``name`` is a finite number ``> 0``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def non_negative_int(value: int, name: str) -> int:

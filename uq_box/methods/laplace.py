@@ -64,7 +64,6 @@ without it raises an ``ImportError`` naming the extra.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import warnings
 from collections.abc import Iterable
@@ -85,6 +84,7 @@ from uq_box.methods.base import (
     UQMethod,
     eval_mode,
     non_negative_int,
+    positive_finite,
     unpack_batch,
 )
 from uq_box.methods.predictive import criterion_num_outputs
@@ -122,17 +122,6 @@ def _choice(value: Any, name: str, valid: tuple) -> Any:
     if value not in valid:
         raise ValueError(f"`{name}` must be one of {list(valid)}, got {value!r}")
     return value
-
-
-def _positive_finite(value: Any, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _int_at_least(value: Any, name: str, low: int) -> int:
@@ -283,7 +272,7 @@ class Laplace(UQMethod):
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.subset_of_weights = _choice(subset_of_weights, "subset_of_weights", SUBSETS_OF_WEIGHTS)
         self.hessian_structure = _choice(hessian_structure, "hessian_structure", HESSIAN_STRUCTURES)
-        self.prior_precision = _positive_finite(prior_precision, "prior_precision")
+        self.prior_precision = positive_finite(prior_precision, "prior_precision")
         self.optimize_prior_precision = _choice(
             optimize_prior_precision, "optimize_prior_precision", PRIOR_TUNING
         )

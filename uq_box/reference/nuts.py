@@ -51,24 +51,13 @@ from torch.distributions import HalfCauchy
 from torch.func import functional_call, vmap
 
 from uq_box.losses import MSE, NLL
-from uq_box.methods.base import non_negative_int, positive_int, unpack_batch
+from uq_box.methods.base import non_negative_int, positive_finite, positive_int, unpack_batch
 from uq_box.methods.predictive import regression_predictive
 from uq_box.reference.diagnostics import import_pyro, mcmc_summary, parameter_names
 
 __all__ = ["NUTSReference"]
 
 INITS = ("model", "prior")
-
-
-def _positive_number(value: Any, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _as_data(value: Any, name: str, dtype: torch.dtype) -> Tensor:
@@ -133,14 +122,14 @@ class NUTSReference:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if not any(True for _ in model.parameters()):
             raise ValueError("`model` has no parameters; there is nothing to sample")
-        self.prior_scale = _positive_number(prior_scale, "prior_scale")
+        self.prior_scale = positive_finite(prior_scale, "prior_scale")
         if isinstance(noise, str):
             if noise != "learned":
                 raise ValueError(f"`noise` must be 'learned' or a positive number, got {noise!r}")
             self.noise: float | str = noise
         else:
-            self.noise = _positive_number(noise, "noise")
-        self.noise_prior_scale = _positive_number(noise_prior_scale, "noise_prior_scale")
+            self.noise = positive_finite(noise, "noise")
+        self.noise_prior_scale = positive_finite(noise_prior_scale, "noise_prior_scale")
         self.num_chains = positive_int(num_chains, "num_chains")
         self.num_warmup = non_negative_int(num_warmup, "num_warmup")
         self.num_samples = positive_int(num_samples, "num_samples")
