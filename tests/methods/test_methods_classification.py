@@ -39,7 +39,7 @@ def accuracy(preds, target):
 
 
 def check_contract(preds, n, n_classes, n_samples):
-    """The classification prediction contract of DESIGN.md."""
+    """The classification prediction contract (docs/architecture.md)."""
     assert set(preds) == CONTRACT_KEYS
     assert preds["pred"].shape == (n, n_classes)
     for key in ("pred_uct", "aleatoric_uct", "epistemic_uct"):

@@ -1,11 +1,12 @@
 """Bad input fails early with a message naming the argument, what was given and what is expected.
 
-One table of cases (DESIGN.md, "Errors"): network output widths that do not fit the loss or the
-method, bad ``stochastic_module_names``, non-positive prior scales and sample counts, NaN or inf in
-data, inputs and targets of different lengths, a data module without the split a post-hoc method
-needs, an unknown UCI data set or a corrupt UCI file, and a config with an unknown key. Each row
-gives the exception type and three pieces of text the message must contain: the argument's name,
-the given value and the expectation. A non-finite loss stops training with the step and epoch.
+One table of cases (docs/architecture.md, "Errors"): network output widths that do not fit the
+loss or the method, bad ``stochastic_module_names``, non-positive prior scales and sample counts,
+NaN or inf in data, inputs and targets of different lengths, a data module without the split a
+post-hoc method needs, an unknown UCI data set or a corrupt UCI file, and a config with an unknown
+key. Each row gives the exception type and three pieces of text the message must contain: the
+argument's name, the given value and the expectation. A non-finite loss stops training with the
+step and epoch.
 """
 
 from __future__ import annotations

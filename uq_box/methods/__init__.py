@@ -1,4 +1,8 @@
-"""UQ methods: each a LightningModule following the prediction contract of DESIGN.md."""
+"""UQ methods: each a LightningModule following one prediction contract.
+
+The contract, the hooks a method implements and how to add one:
+[docs/architecture.md](../architecture.md) and [docs/add-a-method.md](../add-a-method.md).
+"""
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
 from uq_box.methods.bnn_vi import BNNVI, BNNVIClassification, BNNVIRegression

@@ -481,7 +481,11 @@ class UQMethod(LightningModule):
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
-        """Predictive distribution of a batch (or a bare input tensor), see DESIGN.md."""
+        """Predictive distribution of a batch (or a bare input tensor).
+
+        The dict of the prediction contract, see
+        [docs/architecture.md](../architecture.md#the-prediction-contract).
+        """
         x, _ = unpack_batch(batch)
         with torch.no_grad(), eval_mode(self.model):
             x = self._as_network_dtype(x.to(self.device))

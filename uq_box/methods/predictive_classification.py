@@ -5,8 +5,9 @@ Bayesian model average ``pbar = mean_s softmax(logits_s)``. Two decompositions o
 are offered:
 
 - **Entropy** (Depeweg et al. 2018, "Decomposition of uncertainty in Bayesian deep learning"; the
-  prediction contract of DESIGN.md): total = predictive entropy ``H[pbar]``, aleatoric = expected
-  entropy ``E_s H[p_s]``, epistemic = mutual information ``H[pbar] - E_s H[p_s]``, in nats.
+  prediction contract, see [docs/architecture.md](../architecture.md#the-prediction-contract)):
+  total = predictive entropy ``H[pbar]``, aleatoric = expected entropy ``E_s H[p_s]``, epistemic =
+  mutual information ``H[pbar] - E_s H[p_s]``, in nats.
 - **Variance** (Kendall & Gal 2017; Kwon et al. 2020, "Uncertainty quantification using Bayesian
   neural networks in classification"): aleatoric = ``mean_s(diag(p_s) - p_s p_s^T)``, epistemic =
   ``mean_s((p_s - pbar)(p_s - pbar)^T)``; their sum is ``diag(pbar) - pbar pbar^T``, the covariance

@@ -1,8 +1,10 @@
 """Turn chosen layers of any network into Bayesian layers, in place.
 
-``stochastic_module_names`` picks the layers (DESIGN.md): ints index the parameter-owning layers
-in ``model.named_modules()`` order (``-1`` is the last), strings are dotted module names, ``None``
-means every supported layer. Anything that cannot be converted is an error, never skipped.
+``stochastic_module_names`` picks the layers (see "Partially stochastic networks" in
+[docs/architecture.md](../architecture.md#partially-stochastic-networks)): ints index the
+parameter-owning layers in ``model.named_modules()`` order (``-1`` is the last), strings are dotted
+module names, ``None`` means every supported layer. Anything that cannot be converted is an error,
+never skipped.
 """
 
 from __future__ import annotations
