@@ -28,9 +28,10 @@
 # This notebook runs a small subset (2 data sets, 2 splits) and then reads the full table of
 # [the benchmark page](../benchmarks/uci.md).
 #
-# The data live in a folder in the standard layout (`<root>/<dataset>/data/data.txt`,
-# `index_train_<k>.txt`, ...); `--download` fetches missing data sets into it with checksums.
-# Set `UQ_BOX_UCI_ROOT` to that folder; `UQ_BOX_FAST=1` trains fewer epochs (what the tests do).
+# The data live in a folder in the standard layout (`<root>/<dataset>/data.txt`,
+# `index_train_<k>.txt`, ...): by default the user cache `~/.cache/uq_box/uci`, where missing
+# data sets are downloaded with checksums; `UQ_BOX_UCI_ROOT` (or `--root`) names another folder.
+# `UQ_BOX_FAST=1` trains fewer epochs (what the tests do).
 
 # %%
 import os
@@ -42,6 +43,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from uq_box.benchmarks.uci import main as uci_benchmark
+from uq_box.datamodules.uci import default_uci_root
 
 FAST = os.environ.get("UQ_BOX_FAST", "0") == "1"  # the tests' quick mode
 FIGURES = os.environ.get("UQ_BOX_FIGURES")  # folder for the figures the docs show
@@ -56,20 +58,6 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.close(fig)
 
 
-def find_uci_root() -> Path:
-    """``UQ_BOX_UCI_ROOT``, else a ``shared/data/uci`` folder next to the repository."""
-    if "UQ_BOX_UCI_ROOT" in os.environ:
-        return Path(os.environ["UQ_BOX_UCI_ROOT"])
-    for folder in [Path.cwd(), *Path.cwd().parents]:
-        candidate = folder / "shared" / "data" / "uci"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        "no UCI data found: set UQ_BOX_UCI_ROOT to a folder in the standard layout, or run "
-        "`uq-box benchmark uci --download --root <folder>` once"
-    )
-
-
 def find_docs() -> Path | None:
     """The repository's ``docs`` folder, seen from the repository or from ``notebooks/``."""
     here = [Path(__file__).resolve().parent] if "__file__" in globals() else []
@@ -79,7 +67,7 @@ def find_docs() -> Path | None:
     return None
 
 
-root = find_uci_root()
+root = default_uci_root()  # $UQ_BOX_UCI_ROOT, else ~/.cache/uq_box/uci (downloaded there)
 output = Path(tempfile.mkdtemp()) / "uci"
 print(f"data: {root}\noutput: {output}")
 
@@ -88,15 +76,15 @@ print(f"data: {root}\noutput: {output}")
 #
 # The same command line as `uq-box benchmark uci ...`: four methods (MVE, deep ensemble, MC
 # dropout, Bayes by Backprop) on two data sets and two splits, one worker process. Every
-# (data set, method) trains its splits (and ensemble members) as one vectorized model, so this
-# takes seconds. Drop `--datasets`, `--splits` and `--epochs` for the full protocol.
+# (data set, method) trains its splits as stacked runs of the library's method
+# (`uq_box.methods.StackedRuns`): one vectorized model in one `Trainer.fit`, so this takes
+# seconds. Drop `--datasets`, `--splits` and `--epochs` for the full protocol.
 
 # %%
 args = [
     "--datasets", "bostonHousing,yacht",
     "--splits", "0,1",
     "--methods", "mve,deep_ensemble,mc_dropout,bnn_vi",
-    "--root", str(root),
     "--output", str(output),
     "--workers", "1",
     "--no-progress",

@@ -4,6 +4,8 @@
 # (e.g. `-m slow` for the long checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the UCI data of the tests (and of the notebooks they execute): ../shared/data/uci
+export UQ_BOX_UCI_ROOT="${UQ_BOX_UCI_ROOT:-$(cd .. && pwd)/shared/data/uci}"
 bash scripts/setup.sh
 bash scripts/setup.sh --laplace
 ./.venv/bin/ruff check uq_box tests benchmarks notebooks

@@ -8,9 +8,9 @@ import torch
 matplotlib.use("Agg")
 torch.set_num_threads(1)
 
-UCI_ROOT = Path(
-    os.environ.get("UQ_BOX_UCI_ROOT", Path(__file__).parents[2] / "shared" / "data" / "uci")
-)
+# the tests read the UCI data from ../shared/data/uci through the variable the library reads
+os.environ.setdefault("UQ_BOX_UCI_ROOT", str(Path(__file__).parents[2] / "shared" / "data" / "uci"))
+UCI_ROOT = Path(os.environ["UQ_BOX_UCI_ROOT"])
 
 
 @pytest.fixture

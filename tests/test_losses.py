@@ -94,3 +94,24 @@ def test_elbo_loss_scaling():
     torch.testing.assert_close(elbo_loss(data_nll, kl, 10, beta=0.0), data_nll)
     # N * loss is the full-data negative ELBO: N * mean NLL + KL
     torch.testing.assert_close(200 * elbo_loss(data_nll, kl, 200), 200 * data_nll + kl)
+
+
+def test_nll_resolution_adds_the_rounding_variance():
+    """Targets on a grid of step d: std^2 + d^2 / 12, so the std never falls below d / sqrt(12)."""
+    from uq_box.datamodules import target_resolution
+
+    criterion = NLL(resolution=2.0)
+    raw = torch.tensor([[0.3, -50.0], [0.0, 1.0]])
+    _, std = criterion.mean_and_std(raw)
+    learned = torch.nn.functional.softplus(raw[:, 1:]) + 1e-6
+    torch.testing.assert_close(std, (learned**2 + 4.0 / 12).sqrt())
+    assert std.min() >= 2.0 / 12**0.5 - 1e-6
+    assert NLL().mean_and_std(raw)[1][0] < 1e-5  # collapses without it
+    with pytest.raises(ValueError, match="`resolution`"):
+        NLL(resolution=-1.0)
+    # the grid step of integer scores; continuous or finely recorded targets give 0
+    assert target_resolution([3, 5, 6, 5, 8]) == 1.0
+    assert target_resolution([0.5, 1.0, 2.5, 1.5]) == 0.5
+    assert target_resolution(torch.randn(200).numpy()) == 0.0
+    assert target_resolution([10.001, 10.002, 12.0, 15.0]) == 0.0  # 0.001 << std
+    assert target_resolution([1.0, 1.0]) == 0.0

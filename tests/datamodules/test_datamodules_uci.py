@@ -191,3 +191,42 @@ def test_datamodule_trains_a_method_with_lightning(uci_root):
     trainer.fit(model, datamodule=dm)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert np.isfinite(metrics["test_rmse"])
+
+
+def test_default_root_is_the_variable_or_the_user_cache(monkeypatch, tmp_path):
+    from uq_box.datamodules import uci
+
+    monkeypatch.setenv("UQ_BOX_UCI_ROOT", str(tmp_path / "mine"))
+    assert uci.default_uci_root() == tmp_path / "mine"
+    monkeypatch.delenv("UQ_BOX_UCI_ROOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert uci.default_uci_root() == tmp_path / "cache" / "uq_box" / "uci"
+
+
+def test_default_root_downloads_missing_files(monkeypatch, tmp_path, uci_root):
+    """With no root given, missing files are fetched into the cache (checksummed download)."""
+    import shutil
+
+    from uq_box.datamodules import uci
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("UQ_BOX_UCI_ROOT", str(cache))
+    fetched = []
+
+    def fake_download(root, name):  # the network is not reachable here: copy instead
+        fetched.append((root, name))
+        shutil.copytree(uci_root / name, root / name)
+
+    monkeypatch.setattr(uci, "download_uci", fake_download)
+    module = uci.UCIRegressionDatamodule("yacht")
+    assert fetched == [(cache, "yacht")] and module.root == cache
+    uci.UCIRegressionDatamodule("yacht")  # complete now: no second download
+    assert len(fetched) == 1
+
+
+def test_target_resolution_of_integer_scores(uci_root):
+    from uq_box.datamodules import UCIRegressionDatamodule
+
+    wine = UCIRegressionDatamodule("wine-quality-red", 0, uci_root)
+    assert wine.target_resolution == pytest.approx(1.0 / wine.y_std)
+    assert UCIRegressionDatamodule("bostonHousing", 0, uci_root).target_resolution == 0.0

@@ -5,31 +5,30 @@ hidden layer of 50 ReLU units (100 for protein), the standard splits, features a
 standardized with each split's training statistics, test RMSE and test log-likelihood per point in
 the original units, mean ± standard error over the splits.
 
-Speed: the ``K`` splits of a data set and the ``M`` members of an ensemble train as ONE vectorized
-model of ``G = K * M`` networks with stacked weights (``[G, in, out]``, batched ``baddbmm``), each
-network fed minibatches from its own split's training set. This is a hand-written eager loop, not
-Lightning: at these sizes a Lightning step costs more than the math (DESIGN.md, performance notes),
-and ``torch.func.vmap`` over ``functional_call`` adds per-call overhead that batched matmuls avoid.
-The stochastic pieces follow uq_box's layers: heteroscedastic Gaussian heads with
-:func:`uq_box.losses.softplus_std`, mean-field Gaussian weights with the local reparameterization
-trick and the closed-form KL of :func:`uq_box.nn.priors.normal_kl` as in
-:class:`uq_box.nn.BayesianLinear`, the ELBO of :func:`uq_box.losses.elbo_loss`, dropout masks as a
-Monte Carlo dimension as in :class:`uq_box.nn.MCDropout`, and the predictive moments of
-:func:`uq_box.methods.predictive.regression_predictive`.
+The benchmark trains uq_box's own methods (:class:`~uq_box.methods.MVERegression`,
+:class:`~uq_box.methods.DeepEnsembleRegression`, :class:`~uq_box.methods.MCDropoutRegression`,
+:class:`~uq_box.methods.BNNVIRegression`) with a plain ``lightning.Trainer``. The ``K`` splits of
+a data set are stacked runs (:class:`~uq_box.methods.StackedRuns`): one vectorized model, one
+``Trainer.fit``, each split with its own parameters, its own shuffled batches
+(:class:`~uq_box.datamodules.StackedDataModule` of the splits' :class:`UCIRegressionDatamodule`)
+and its own Monte Carlo noise. The hyperparameters are ``uci.yaml`` beside this module (``--config``
+replaces it).
 
-Per-split fit time is the vectorized fit time of the (data set, method) divided by its splits.
+Per-split fit time is the stacked fit time of the (data set, method) divided by its splits.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from contextlib import contextmanager
+from functools import partial
 from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,23 +36,38 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from uq_box.datamodules.uci import UCI_DATASETS, UCISplit, load_uci_split, uci_info
-from uq_box.losses import NLL, elbo_loss, softplus_std
-from uq_box.losses import gaussian_nll as gaussian_nll_terms
-from uq_box.methods.predictive import regression_predictive
+from uq_box.datamodules.stacked import StackedDataModule
+from uq_box.datamodules.uci import (
+    UCI_DATASETS,
+    UCIRegressionDatamodule,
+    UCISplit,
+    _complete,
+    default_uci_root,
+    download_uci,
+    uci_info,
+)
+from uq_box.losses import NLL
+from uq_box.methods import (
+    BNNVIRegression,
+    DeepEnsembleRegression,
+    MCDropoutRegression,
+    MVERegression,
+    UQMethod,
+)
+from uq_box.methods.stacked import StackedRuns
 from uq_box.metrics.functional import (
     gaussian_crps,
     gaussian_nll,
     interval_coverage,
     miscalibration_area,
 )
-from uq_box.nn.priors import normal_kl
+from uq_box.models import MLP
 
 __all__ = [
     "METHODS",
+    "build_method",
     "fit_dataset",
     "load_config",
     "main",
@@ -87,71 +101,37 @@ PUBLISHED_SHORT = {
 
 DEEP_ENSEMBLES_PAPER = PUBLISHED_SHORT["Deep ensembles (paper)"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "uci" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).with_name("uci.yaml")
+"""The benchmark's hyperparameters (the one place they are written down)."""
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "threads": 1,
-    "workers": 2,
-    "epoch_multiplier": 1,
-    "batch_size": 32,
-    "lr": 0.01,
-    "lr_schedule": "cosine",
-    "weight_decay": 0.0,
-    "min_std": 1.0e-6,
-    "eval_samples": 100,
-    "methods": {
-        "mve": {"num_members": 1},
-        "deep_ensemble": {"num_members": 5},
-        "mc_dropout": {"num_members": 1, "dropout_p": 0.05},
-        "bnn_vi": {"num_members": 1, "prior_std": 1.0, "posterior_rho_init": -5.0},
-    },
-    "per_dataset": {
-        "concrete": {
-            "methods": {"bnn_vi": {"epoch_multiplier": 10}, "mc_dropout": {"epoch_multiplier": 10}}
-        },
-        "energy": {
-            "methods": {
-                "bnn_vi": {"epoch_multiplier": 10},
-                "deep_ensemble": {"epoch_multiplier": 10},
-                "mve": {"epoch_multiplier": 5},
-            }
-        },
-        "protein-tertiary-structure": {"lr": 0.003, "batch_size": 64},
-        "wine-quality-red": {"methods": {"bnn_vi": {"epoch_multiplier": 10}}},
-        "yacht": {
-            "methods": {
-                "bnn_vi": {"epoch_multiplier": 10},
-                "deep_ensemble": {"epoch_multiplier": 10},
-                "mc_dropout": {"epoch_multiplier": 10},
-            }
-        },
-    },
-}
-"""The hyperparameters of ``configs/uci/default.yaml``, used where that file is not at hand."""
+_GLOBAL_KEYS = {
+    "seed", "threads", "workers", "epoch_multiplier", "batch_size", "lr", "lr_schedule",
+    "weight_decay", "min_std", "eval_samples", "methods", "per_dataset",
+}  # fmt: skip
 
 
-def load_config(path: str | Path | None = None) -> dict[str, Any]:
-    """The benchmark hyperparameters: :data:`DEFAULTS` updated from a YAML file (method-wise)."""
-    import copy
-
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    config = copy.deepcopy(DEFAULTS)
-    if path is None:
-        if not DEFAULT_CONFIG.is_file():
-            return config
-        path = DEFAULT_CONFIG
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`--config` file {path} does not exist")
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"`--config` {path} must hold a mapping, got {type(loaded).__name__}")
-    unknown = set(loaded) - set(DEFAULTS)
+    return loaded
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark hyperparameters: ``uci.yaml``, updated (method-wise) from ``path``."""
+    config = _read_yaml(DEFAULT_CONFIG)
+    if path is None or Path(path).resolve() == DEFAULT_CONFIG.resolve():
+        return config
+    path = Path(path)
+    loaded = _read_yaml(path)
+    unknown = set(loaded) - _GLOBAL_KEYS
     if unknown:
         raise ValueError(
-            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(DEFAULTS)}"
+            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(_GLOBAL_KEYS)}"
         )
     for key, value in loaded.items():
         if key == "methods":
@@ -183,113 +163,57 @@ def _dataset_options(config: dict[str, Any], dataset: str, method: str) -> dict[
 
 
 # ----------------------------------------------------------------------------------------------
-# The vectorized model: G one-hidden-layer MLPs with stacked weights
+# The library's methods, stacked over the splits
 
 
-def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> Tensor:
-    return (torch.rand(shape, generator=generator) * 2.0 - 1.0) * bound
+def build_method(
+    method: str,
+    num_features: int,
+    num_hidden: int,
+    options: dict[str, Any],
+    num_epochs: int,
+    resolution: float = 0.0,
+) -> UQMethod:
+    """One run of ``method`` for the protocol's MLP ``D -> hidden -> 2`` and ``options``.
 
-
-@dataclass
-class StackedMLP:
-    """``G`` MLPs ``D -> H -> 2`` as stacked tensors; Bayesian ones hold ``rho`` too.
-
-    Weights are initialized as ``nn.Linear`` does (uniform in ``±1/sqrt(fan_in)``).
+    ``resolution`` is the grid step of the standardized targets (wine quality's integer scores;
+    see :class:`uq_box.losses.NLL`).
     """
-
-    params: dict[str, Tensor]
-    bayesian: bool
-    dropout_p: float
-
-    @classmethod
-    def create(
-        cls,
-        num_models: int,
-        in_features: int,
-        hidden: int,
-        generator: torch.Generator,
-        bayesian: bool = False,
-        dropout_p: float = 0.0,
-        rho_init: float = -5.0,
-    ) -> StackedMLP:
-        g, d, h = num_models, in_features, hidden
-        params = {
-            "w1": _uniform((g, d, h), 1.0 / math.sqrt(d), generator),
-            "b1": _uniform((g, 1, h), 1.0 / math.sqrt(d), generator),
-            "w2": _uniform((g, h, 2), 1.0 / math.sqrt(h), generator),
-            "b2": _uniform((g, 1, 2), 1.0 / math.sqrt(h), generator),
-        }
-        if bayesian:
-            for name in list(params):
-                params[name + "_rho"] = torch.full_like(params[name], rho_init)
-        for value in params.values():
-            value.requires_grad_(True)
-        return cls(params, bayesian, dropout_p)
-
-    def _layer(self, x: Tensor, name: str, sample: bool) -> Tensor:
-        """``x [G, B, in] -> [G, B, out]``; Bayesian: local reparameterization."""
-        w, b = self.params["w" + name], self.params["b" + name]
-        mean = torch.baddbmm(b, x, w)
-        if not self.bayesian:
-            return mean
-        w_var = F.softplus(self.params[f"w{name}_rho"]) ** 2
-        b_var = F.softplus(self.params[f"b{name}_rho"]) ** 2
-        if not sample:
-            return mean
-        var = torch.baddbmm(b_var, x * x, w_var)
-        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-
-    def forward(self, x: Tensor, sample: bool = True) -> Tensor:
-        """Raw outputs ``[G, B, 2]`` (mean, unconstrained scale) of inputs ``[G, B, D]``."""
-        hidden = torch.relu(self._layer(x, "1", sample))
-        if self.dropout_p > 0 and sample:
-            hidden = F.dropout(hidden, self.dropout_p, training=True)
-        return self._layer(hidden, "2", sample)
-
-    def kl(self, prior_std: float) -> Tensor:
-        """``[G]`` KL of each network's mean-field posterior from ``N(0, prior_std^2)``."""
-        scale = torch.tensor(prior_std)
-        total = 0.0
-        for name in ("w1", "b1", "w2", "b2"):
-            sigma = F.softplus(self.params[name + "_rho"])
-            total = total + normal_kl(self.params[name], sigma, torch.tensor(0.0), scale).flatten(
-                1
-            ).sum(1)
-        return total
-
-    def sample_outputs(self, x: Tensor, num_samples: int, chunk: int = 10) -> Tensor:
-        """``[G, S, N, 2]`` outputs of ``S`` Monte Carlo samples (dropout masks or weights).
-
-        The first layer's deterministic part runs once; samples are folded into the batch in
-        chunks so that memory stays bounded on the larger test sets.
-        """
-        with torch.no_grad():
-            if not self.bayesian and self.dropout_p == 0:
-                return self.forward(x, sample=False).unsqueeze(1)
-            g, n, _ = x.shape
-            p = self.params
-            mean1 = torch.baddbmm(p["b1"], x, p["w1"])
-            std1 = None
-            if self.bayesian:
-                var1 = torch.baddbmm(
-                    F.softplus(p["b1_rho"]) ** 2, x * x, F.softplus(p["w1_rho"]) ** 2
-                )
-                std1 = var1.clamp_min(1e-16).sqrt()
-            out = []
-            for start in range(0, num_samples, chunk):
-                s = min(chunk, num_samples - start)
-                pre = mean1.unsqueeze(1).expand(g, s, n, -1)
-                if std1 is not None:
-                    pre = pre + std1.unsqueeze(1) * torch.randn_like(pre)
-                hidden = torch.relu(pre).reshape(g, s * n, -1)
-                if self.dropout_p > 0:
-                    hidden = F.dropout(hidden, self.dropout_p, training=True)
-                out.append(self._layer(hidden, "2", sample=True).reshape(g, s, n, 2))
-            return torch.cat(out, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fitting all splits of a data set at once
+    lr, schedule = float(options["lr"]), str(options["lr_schedule"])
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {schedule!r}")
+    common: dict[str, Any] = {
+        "criterion": NLL(min_std=float(options["min_std"]), resolution=resolution),
+        "optimizer": partial(
+            torch.optim.Adam, lr=lr, weight_decay=float(options["weight_decay"]), foreach=True
+        ),
+    }
+    if schedule == "cosine":  # per epoch, from lr down to lr / 100
+        common["lr_scheduler"] = partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR,
+            T_max=max(num_epochs - 1, 1),
+            eta_min=lr / 100,
+        )
+    dropout = float(options.get("dropout_p", 0.0)) if method == "mc_dropout" else 0.0
+    network = MLP(num_features, (num_hidden,), 2, dropout_p=dropout)
+    samples = int(options["eval_samples"])
+    if method == "mve":
+        return MVERegression(network, **common)
+    if method == "deep_ensemble":
+        return DeepEnsembleRegression(network, num_members=int(options["num_members"]), **common)
+    if method == "mc_dropout":
+        return MCDropoutRegression(network, num_mc_samples_test=samples, **common)
+    if method == "bnn_vi":
+        return BNNVIRegression(
+            network,
+            prior=float(options["prior_std"]),
+            posterior_rho_init=float(options["posterior_rho_init"]),
+            estimator=str(options["estimator"]),
+            num_mc_samples_train=int(options["num_mc_samples_train"]),
+            num_mc_samples_test=samples,
+            **common,
+        )
+    raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
 
 
 def split_metrics(mean: Tensor, std: Tensor, target: Tensor) -> dict[str, float]:
@@ -313,6 +237,45 @@ def original_units_metrics(mean: Tensor, std: Tensor, split: UCISplit) -> dict[s
     return split_metrics(mean * split.y_std + split.y_mean, std * split.y_std, target)
 
 
+def _trainer(num_epochs: int) -> Any:
+    from lightning import Trainer
+
+    # barebones: no logging, checkpoints, progress bar or summary (the benchmark reads the
+    # predictions); Lightning's per-step bookkeeping is a large part of a step this small
+    return Trainer(
+        max_epochs=num_epochs, accelerator="cpu", devices=1, barebones=True,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """No per-fit banners (devices, barebones notice) among the benchmark's output."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _predict_in_chunks(model: StackedRuns, x: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Predictive mean and std ``[K, T]`` of per-run inputs ``[K, T, D]``, ``chunk`` rows at a time
+    (bounded memory with 100 Monte Carlo samples on the larger test sets).
+    """
+    model.eval()
+    means, stds = [], []
+    for start in range(0, x.shape[1], chunk):
+        preds = model.predict_step(x[:, start : start + chunk])
+        means.append(preds["pred"][..., 0])
+        stds.append(preds["pred_uct"][..., 0])
+    return torch.cat(means, 1), torch.cat(stds, 1)
+
+
 def fit_dataset(
     root: str | Path,
     dataset: str,
@@ -322,7 +285,7 @@ def fit_dataset(
     epochs: int | None = None,
     val_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Train ``method`` on ``splits`` of ``dataset`` as one vectorized model; one row per split.
+    """Train ``method`` on ``splits`` of ``dataset`` as stacked runs; one row per split.
 
     Args:
         root: the UCI folder.
@@ -342,82 +305,46 @@ def fit_dataset(
     num_epochs = int(
         epochs if epochs is not None else round(info["n_epochs"] * opts["epoch_multiplier"])
     )
-    generator = torch.Generator().manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
-    torch.manual_seed(int(opts["seed"]) + 1000 * METHODS.index(method))
-
-    data = [load_uci_split(root, dataset, int(k), val_fraction) for k in splits]
+    seed = int(opts["seed"]) + 1000 * METHODS.index(method)
+    modules = [
+        UCIRegressionDatamodule(
+            dataset,
+            int(k),
+            root,
+            batch_size=int(opts["batch_size"]),
+            val_fraction=val_fraction,
+            seed=seed + int(k),
+        )  # fmt: skip
+        for k in splits
+    ]
+    data = [m.data for m in modules]
     if val_fraction > 0:  # evaluate on the validation rows, never on the test split
         for d in data:
             d.x_test, d.y_test = d.x_val, d.y_val
     sizes = {len(d.y_train) for d in data}
     if len(sizes) != 1:
         raise ValueError(f"{dataset}: splits {list(splits)} have different training sizes {sizes}")
-    x_train = torch.tensor(np.stack([d.x_train for d in data]), dtype=torch.float32)  # [K, N, D]
-    y_train = torch.tensor(np.stack([d.y_train for d in data]), dtype=torch.float32)[..., None]
-    num_splits, num_train, num_features = x_train.shape
-    members = int(opts["num_members"])
-    num_models = num_splits * members
-    split_of = torch.arange(num_splits).repeat_interleave(members)  # model g -> its split
-
-    model = StackedMLP.create(
-        num_models, num_features, info["n_hidden"], generator,
-        bayesian=method == "bnn_vi", dropout_p=float(opts.get("dropout_p", 0.0)),
-        rho_init=float(opts.get("posterior_rho_init", -5.0)),
-    )  # fmt: skip
-    optimizer = torch.optim.Adam(
-        list(model.params.values()), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]),
-        foreach=True,
-    )  # fmt: skip
-    batch_size = min(int(opts["batch_size"]), num_train)
-    min_std = float(opts["min_std"])
-    rows = split_of[:, None]
-
-    schedule = str(opts["lr_schedule"])
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {schedule!r}")
+    torch.manual_seed(seed)
+    runs = [
+        build_method(
+            method, m.num_features, info["n_hidden"], opts, num_epochs, m.target_resolution
+        )
+        for m in modules
+    ]
+    model = StackedRuns(runs)
     start = time.perf_counter()
-    for epoch in range(num_epochs):
-        if schedule == "cosine":  # per epoch, from lr down to lr / 100
-            scale = 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * epoch / max(num_epochs - 1, 1)))
-            for group in optimizer.param_groups:
-                group["lr"] = float(opts["lr"]) * scale
-        order = torch.argsort(torch.rand(num_models, num_train, generator=generator), dim=1)
-        for first in range(0, num_train, batch_size):
-            index = order[:, first : first + batch_size]
-            xb, yb = x_train[rows, index], y_train[rows, index]  # [G, B, D], [G, B, 1]
-            out = model.forward(xb)
-            nll = gaussian_nll_terms(out[..., :1], softplus_std(out[..., 1:], min_std), yb)
-            per_model = nll.mean((1, 2))  # [G]
-            if model.bayesian:
-                per_model = elbo_loss(per_model, model.kl(float(opts["prior_std"])), num_train)
-            loss = per_model.sum()  # models are independent: their gradients do not mix
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{dataset}/{method}: non-finite training loss; lower `lr` in the config"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with _quiet_lightning():
+        _trainer(num_epochs).fit(model, datamodule=StackedDataModule(modules))
     fit_seconds = time.perf_counter() - start
 
     x_test = torch.tensor(np.stack([d.x_test for d in data]), dtype=torch.float32)
-    num_test = x_test.shape[1]
-    outputs = model.sample_outputs(x_test[split_of], int(opts["eval_samples"]))  # [G, S, T, 2]
-    # samples of one split: its members x Monte Carlo samples, then the mixture moments
-    outputs = (
-        outputs.reshape(num_splits, -1, num_test, 2)
-        .transpose(0, 1)
-        .reshape(-1, num_splits * num_test, 2)
-    )
-    predictive = regression_predictive(outputs.double(), NLL(min_std=min_std))
-    mean = predictive["pred"].reshape(num_splits, num_test)
-    std = predictive["pred_uct"].reshape(num_splits, num_test)
+    mean, std = _predict_in_chunks(model, x_test)
     results = []
     for i, (k, d) in enumerate(zip(splits, data, strict=True)):
-        metrics = original_units_metrics(mean[i], std[i], d)
+        metrics = original_units_metrics(mean[i].double(), std[i].double(), d)
         results.append(
             {"dataset": dataset, "method": method, "split": int(k), **metrics,
-             "fit_seconds": fit_seconds / num_splits, "epochs": num_epochs}
+             "fit_seconds": fit_seconds / len(modules), "epochs": num_epochs}
         )  # fmt: skip
     return results
 
@@ -643,8 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--splits", default="all", help="'all', '0,1' or '0-4' (limited per data set)"
     )
-    parser.add_argument("--root", default=os.environ.get("UQ_BOX_UCI_ROOT", "../shared/data/uci"))
-    parser.add_argument("--config", default=None, help="YAML (default configs/uci/default.yaml)")
+    parser.add_argument(
+        "--root", default=None,
+        help="UCI folder (default: $UQ_BOX_UCI_ROOT, else ~/.cache/uq_box/uci)",
+    )  # fmt: skip
+    parser.add_argument("--config", default=None, help="YAML (default: uq_box/benchmarks/uci.yaml)")
     parser.add_argument("--epochs", type=int, default=None, help="override the paper epochs")
     parser.add_argument("--output", default="uci_benchmark", help="folder for CSV, Markdown, plot")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: config)")
@@ -653,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tune on validation: train on the first part of each training index file and report "
         "metrics on its last fraction (0.2 in Gal's code) instead of the test split",
     )  # fmt: skip
-    parser.add_argument("--download", action="store_true", help="download missing data into --root")
+    parser.add_argument(
+        "--download", action="store_true",
+        help="download missing data into --root (always done for the default root)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -741,16 +674,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = _parse_splits(args.splits)
     config = load_config(args.config)
     workers = int(config["workers"] if args.workers is None else args.workers)
-    if args.download:
-        from uq_box.datamodules.uci import download_uci
-
-        for dataset in datasets:
-            download_uci(args.root, dataset)
+    root = default_uci_root() if args.root is None else Path(args.root)
+    for dataset in datasets:
+        if args.download or (args.root is None and not _complete(root, dataset)):
+            download_uci(root, dataset)
     command = "uq-box benchmark uci " + " ".join(sys.argv[3:] if argv is None else argv)
     print(f"config ({args.config or DEFAULT_CONFIG}):\n" + yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
     results = run_benchmark(
-        args.root, datasets, methods, splits, config, args.epochs, workers, not args.no_progress,
+        root, datasets, methods, splits, config, args.epochs, workers, not args.no_progress,
         args.val_fraction,
     )  # fmt: skip
     wall = time.perf_counter() - start

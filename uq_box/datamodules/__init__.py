@@ -1,6 +1,6 @@
 """Data modules: synthetic toy data, small image data and user arrays, all held in memory."""
 
-from uq_box.datamodules.base import ArrayDataModule, InMemoryLoader
+from uq_box.datamodules.base import ArrayDataModule, InMemoryLoader, target_resolution
 from uq_box.datamodules.classification import (
     DigitsDatamodule,
     SpiralDatamodule,
@@ -8,26 +8,32 @@ from uq_box.datamodules.classification import (
     make_spiral,
     rotate_images,
 )
+from uq_box.datamodules.stacked import StackedDataModule, StackedLoader, kfold_datamodules
 from uq_box.datamodules.toy import (
     ToyGapDatamodule,
     ToyHeteroscedasticDatamodule,
     toy_gap_function,
     toy_gap_observations,
 )
-from uq_box.datamodules.uci import UCI_DATASETS, UCIRegressionDatamodule
+from uq_box.datamodules.uci import UCI_DATASETS, UCIRegressionDatamodule, default_uci_root
 
 __all__ = [
     "ArrayDataModule",
     "DigitsDatamodule",
     "InMemoryLoader",
     "SpiralDatamodule",
+    "StackedDataModule",
+    "StackedLoader",
     "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
     "TwoMoonsDatamodule",
     "UCIRegressionDatamodule",
     "UCI_DATASETS",
+    "default_uci_root",
+    "kfold_datamodules",
     "make_spiral",
     "rotate_images",
+    "target_resolution",
     "toy_gap_function",
     "toy_gap_observations",
 ]

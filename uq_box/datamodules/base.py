@@ -17,6 +17,8 @@ import torch
 from lightning import LightningDataModule
 from torch import Tensor
 
+from uq_box.checks import positive_int
+
 ArrayLike = Any  # numpy array, torch tensor or nested sequence
 
 
@@ -47,6 +49,31 @@ def as_tensor(value: ArrayLike, name: str, *, target: bool = False) -> Tensor:
             f"`{name}` must be real numbers or integer labels, got dtype {tensor.dtype}"
         )
     return tensor
+
+
+def target_resolution(
+    y: ArrayLike, min_relative_step: float = 0.1, tolerance: float = 1e-6
+) -> float:
+    """The grid step of coarsely recorded targets (1 for integer scores), else 0.
+
+    The smallest gap ``Δ`` between distinct values, when every value lies on the grid
+    ``min(y) + k Δ`` (within ``tolerance`` of a step) and the grid is coarse: ``Δ`` at least
+    ``min_relative_step`` times the targets' std (wine quality scores: 1.25 std). Finer grids
+    (prices to the cent, sensor readings to three decimals) return 0: their rounding error is
+    small beside the targets' spread, and a model may resolve them as if continuous. Continuous
+    targets and fewer than two distinct values return 0 too. Pass it to
+    :class:`uq_box.losses.NLL` (``resolution``), so that the predicted std accounts for the
+    rounding (see there).
+    """
+    raw = np.asarray(y, dtype=np.float64).ravel()
+    values = np.unique(raw[np.isfinite(raw)])
+    if len(values) < 2:
+        return 0.0
+    step = float(np.diff(values).min())
+    steps = (values - values[0]) / step
+    if np.abs(steps - np.round(steps)).max() > tolerance * max(1.0, steps.max()):
+        return 0.0
+    return step if step >= min_relative_step * float(raw.std()) else 0.0
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:
@@ -80,8 +107,7 @@ class InMemoryLoader:
     def __init__(
         self, inputs: Tensor, targets: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         self.inputs = inputs
         self.targets = targets
         self.batch_size = batch_size
@@ -191,18 +217,8 @@ class ArrayDataModule(LightningDataModule):
         y_calib: ArrayLike | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        if (
-            isinstance(eval_batch_size, bool)
-            or not isinstance(eval_batch_size, int)
-            or eval_batch_size < 1
-        ):
-            raise ValueError(
-                f"`eval_batch_size` must be a positive integer, got {eval_batch_size!r}"
-            )
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.eval_batch_size = positive_int(eval_batch_size, "eval_batch_size")
         self.seed = seed
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
         for split, x, y in (

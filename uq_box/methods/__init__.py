@@ -32,6 +32,7 @@ from uq_box.methods.sgmcmc import (
     SGMCMCClassification,
     SGMCMCRegression,
 )
+from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "SGMCMCClassification",
     "SGMCMCRegression",
     "SWAG",
+    "StackedRuns",
     "SWAGClassification",
     "SWAGRegression",
     "TemperatureScaling",

@@ -11,8 +11,6 @@ constructor. The base owns Lightning's hooks; methods override the narrow uq_box
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -25,6 +23,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchmetrics import MeanMetric, MeanSquaredError, Metric
 
+from uq_box.checks import non_negative_int, positive_int
 from uq_box.losses import NLL
 from uq_box.methods.predictive import (
     criterion_mean_and_std,
@@ -34,6 +33,7 @@ from uq_box.methods.predictive import (
 from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
 from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, MulticlassNLL
+from uq_box.nn.graph import in_functorch_transform
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
 LRSchedulerCallable = Callable[[Optimizer], Any]
@@ -55,32 +55,6 @@ OWNED_HOOKS = {
     "on_save_checkpoint": "extra_checkpoint_state",
     "on_load_checkpoint": "load_extra_checkpoint_state",
 }
-
-
-def positive_int(value: int, name: str) -> int:
-    """Check that argument ``name`` is an integer ``>= 1``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def positive_finite(value: float, name: str) -> float:
-    """Check that argument ``name`` is a finite number ``> 0``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def non_negative_int(value: int, name: str) -> int:
-    """Check that argument ``name`` is an integer ``>= 0``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def dataset_size(loader: object) -> int | None:
@@ -695,7 +669,9 @@ class ClassificationTask:
                 f"{tuple(outputs.shape[1:-1])}, got {target.dtype} of shape {tuple(target.shape)}"
             )
         num_classes = outputs.shape[-1]
-        if target.numel() and target.dtype != torch.bool:
+        # inside torch.func.vmap (stacked runs) a value check is data-dependent control flow;
+        # cross-entropy still refuses an index out of range there
+        if target.numel() and target.dtype != torch.bool and not in_functorch_transform():
             low, high = (int(v) for v in torch.aminmax(target))
             if low < 0 or high >= num_classes:
                 raise ValueError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from uq_box.checks import non_negative_int, positive_int
 from uq_box.losses import elbo_loss
 from uq_box.methods.base import (
     ClassificationTask,
@@ -18,7 +19,6 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
-    positive_int,
 )
 from uq_box.nn import kl_divergence, sample_forward, to_bayesian
 from uq_box.nn.convert import StochasticModuleNames
@@ -66,18 +66,10 @@ class BNNVI(UQMethod):
         self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
         if not beta >= 0:
             raise ValueError(f"`beta` must be non-negative, got {beta}")
-        if (
-            isinstance(burnin_epochs, bool)
-            or not isinstance(burnin_epochs, int)
-            or burnin_epochs < 0
-        ):
-            raise ValueError(
-                f"`burnin_epochs` must be a non-negative integer, got {burnin_epochs!r}"
-            )
         if num_training_points is not None:
             positive_int(num_training_points, "num_training_points")
         self.beta = beta
-        self.burnin_epochs = burnin_epochs
+        self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self._num_training_points_given = num_training_points
         self.model = to_bayesian(
             self.model,

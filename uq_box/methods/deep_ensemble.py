@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from uq_box.checks import non_negative_int
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
     OptimizerCallable,
     RegressionTask,
     UQMethod,
-    non_negative_int,
 )
 from uq_box.nn.ensemble import stack_members
 

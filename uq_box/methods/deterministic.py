@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from uq_box.checks import non_negative_int
 from uq_box.losses import MSE, NLL
 from uq_box.methods.base import (
     ClassificationTask,
@@ -16,7 +17,6 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
-    non_negative_int,
 )
 
 

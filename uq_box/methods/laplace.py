@@ -75,6 +75,7 @@ from lightning import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
+from uq_box.checks import non_negative_int, positive_finite
 from uq_box.losses import MSE
 from uq_box.methods.base import (
     ClassificationTask,
@@ -83,8 +84,6 @@ from uq_box.methods.base import (
     RegressionTask,
     UQMethod,
     eval_mode,
-    non_negative_int,
-    positive_finite,
     unpack_batch,
 )
 from uq_box.methods.predictive import criterion_num_outputs

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from uq_box.checks import non_negative_int, positive_int
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
     OptimizerCallable,
     RegressionTask,
     UQMethod,
-    non_negative_int,
 )
 from uq_box.nn import sample_forward
 from uq_box.nn.dropout import to_mc_dropout
@@ -45,14 +45,8 @@ class MCDropout(UQMethod):
         burnin_epochs: int = 0,
     ) -> None:
         super().__init__(to_mc_dropout(model), criterion, optimizer, lr_scheduler)
-        for name, value in (
-            ("num_mc_samples_train", num_mc_samples_train),
-            ("num_mc_samples_test", num_mc_samples_test),
-        ):
-            if non_negative_int(value, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        self.num_mc_samples_train = num_mc_samples_train
-        self.num_mc_samples_test = num_mc_samples_test
+        self.num_mc_samples_train = positive_int(num_mc_samples_train, "num_mc_samples_train")
+        self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self.save_hyperparameters(ignore=["model", "criterion", "optimizer", "lr_scheduler"])
 

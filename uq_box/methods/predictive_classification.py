@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from uq_box.nn.graph import in_functorch_transform
+
 __all__ = ["classification_predictive", "confidence_score", "variance_decomposition"]
 
 
@@ -70,9 +72,10 @@ def classification_predictive(logits: Tensor) -> dict[str, Tensor]:
             ``-inf`` for every class.
     """
     _check_samples(logits, "logits")
-    bad = (logits.isnan() | logits.isposinf()).any() | logits.isneginf().all(-1).any()
-    if bool(bad):
-        raise ValueError("`logits` holds NaN, +inf, or a row of only -inf values")
+    if not in_functorch_transform():  # a value check is data-dependent control flow in vmap
+        bad = (logits.isnan() | logits.isposinf()).any() | logits.isneginf().all(-1).any()
+        if bool(bad):
+            raise ValueError("`logits` holds NaN, +inf, or a row of only -inf values")
     log_p = torch.log_softmax(logits, dim=-1)  # [S, N, C]
     pred = log_p.exp().mean(0)  # [N, C]
     # log(pbar) by logsumexp over samples; -inf (masked classes) clamped to the lowest finite

@@ -70,13 +70,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from uq_box.checks import non_negative_int, positive_int
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
     OptimizerCallable,
     RegressionTask,
-    non_negative_int,
-    positive_int,
 )
 from uq_box.methods.sampled import ParameterSampling
 from uq_box.nn.convert import StochasticModuleNames

@@ -15,11 +15,14 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def _key(name: str) -> str:
@@ -65,7 +68,8 @@ def map_stacked(
 ) -> Tensor:
     """``torch.stack([call(*(slice i of stacked)) for i in range(S)])`` as one vmap call.
 
-    ``stacked`` are dicts of tensors with the leading dimension ``S``; vmap runs with
+    ``stacked`` are tensors (or dicts or tuples of them) with the leading dimension ``S``; vmap
+    runs with
     ``randomness="different"`` (dropout draws per member or sample).
 
     Some forwards cannot be vectorized: a Python number read from an activation (``.item()``,
@@ -95,10 +99,10 @@ def map_stacked(
                 for tensor, value in zip(restore, saved, strict=True):
                     tensor.copy_(value)
             reason = str(error).strip().splitlines()[0].split(". ")[0][:200]
-    count = next(t for d in stacked for t in d.values()).shape[0]
+    count = next(t for t in tree_leaves(stacked) if isinstance(t, Tensor)).shape[0]
     with batchable_attention(device):
         out = torch.stack(
-            [call(*({k: v[i] for k, v in d.items()} for d in stacked)) for i in range(count)]
+            [call(*tree_map(lambda v: v[i], tuple(stacked))) for i in range(count)]  # noqa: B023
         )
     if not failed.get(mode, False):
         failed[mode] = True
@@ -131,6 +135,26 @@ def _place(module: nn.Module, tensors: dict[str, Tensor]) -> None:
         sub = module.get_submodule(owner)
         slots = sub._parameters if leaf in sub._parameters else sub._buffers
         slots[leaf] = tensor
+
+
+def _slots(
+    template: nn.Module,
+    aliases: dict[str, dict[str, str]],
+    param_names: list[str],
+    buffer_names: list[str],
+) -> list[list[tuple[dict, str]]] | None:
+    """For each stacked name, the ``(module._parameters or _buffers, leaf)`` of all its aliases.
+
+    ``None`` when a module of ``template`` is parametrized (its tensors are computed).
+    """
+    if any(parametrize.is_parametrized(m) for m in template.modules()):
+        return None
+    slots: dict[str, list[tuple[dict, str]]] = {n: [] for n in param_names + buffer_names}
+    for kind, table in (("_parameters", aliases["params"]), ("_buffers", aliases["buffers"])):
+        for alias, name in table.items():
+            owner, _, leaf = alias.rpartition(".")
+            slots[name].append((getattr(template.get_submodule(owner), kind), leaf))
+    return [slots[n] for n in param_names + buffer_names]
 
 
 def reinitialized(model: nn.Module) -> nn.Module:
@@ -174,6 +198,7 @@ class StackedEnsemble(nn.Module):
         )
         for name, value in buffers.items():
             self.register_buffer("buffer:" + _key(name), value.detach().clone())
+        self._param_names = list(params)
         self._buffer_names = list(buffers)
         # every name of a parameter or buffer, tied aliases included (an output layer sharing
         # the embedding's weight), mapped to the name it is stacked under
@@ -194,9 +219,62 @@ class StackedEnsemble(nn.Module):
             {alias: template.get_buffer(name) for alias, name in self._aliases["buffers"].items()},
         )
         object.__setattr__(self, "_template", template)
+        self._slots = _slots(template, self._aliases, self._param_names, self._buffer_names)
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        """The stacked parameters, then the stacked buffers, in the order of the slots."""
+        params = tuple(self.params[_key(n)] for n in self._param_names)
+        return params + tuple(getattr(self, "buffer:" + _key(n)) for n in self._buffer_names)
+
+    @contextmanager
+    def _swapped(self, tensors: Sequence[Tensor]) -> Iterator[nn.Module]:
+        """The template with ``tensors`` (one member's, or batched ones inside vmap) in place.
+
+        The per-call cost of ``torch.func.functional_call`` (a module lookup per name) matters
+        at every training step of small networks; the slots are looked up once. A template with
+        parametrizations (``torch.nn.utils.parametrize``) goes through ``functional_call``.
+        """
+        template = self._template
+        if self._slots is None:
+            names = self._param_names + self._buffer_names
+            with torch.nn.utils.stateless._reparametrize_module(
+                template, dict(zip(names, tensors, strict=True)), tie_weights=True
+            ):
+                yield template
+            return
+        saved = []
+        for slots, tensor in zip(self._slots, tensors, strict=True):
+            for owner, leaf in slots:
+                saved.append((owner, leaf, owner[leaf]))
+                owner[leaf] = tensor
+        try:
+            yield template
+        finally:
+            for owner, leaf, value in reversed(saved):
+                owner[leaf] = value
+
+    def call_members(
+        self, fn: Callable[..., Any], *args: Any, in_dims: Sequence[int | None] | None = None
+    ) -> Any:
+        """``fn(template, *args)`` for every member at once: one ``torch.func.vmap`` call in
+        which the template holds the member's parameters and buffers.
+
+        ``args`` are batched along dimension 0 (one slice per member) where ``in_dims`` says 0
+        and shared where it says ``None`` (default: all shared). Random draws differ between
+        members (``randomness="different"``). The one stacked-parameter call of uq_box.
+        """
+        if self._template.training != self.training:
+            self._template.train(self.training)
+        dims = (0, *((None,) * len(args) if in_dims is None else in_dims))
+
+        def call(tensors: tuple[Tensor, ...], *a: Any) -> Any:
+            with self._swapped(tensors) as template:
+                return fn(template, *a)
+
+        return vmap(call, in_dims=dims, randomness="different")(self._tensors(), *args)
 
     def _stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        params = {k.replace(":", "."): v for k, v in self.params.items()}
+        params = {n: self.params[_key(n)] for n in self._param_names}
         buffers = {n: getattr(self, "buffer:" + _key(n)) for n in self._buffer_names}
         return params, buffers
 
@@ -206,12 +284,24 @@ class StackedEnsemble(nn.Module):
         if self._template.training != self.training:
             self._template.train(self.training)
 
-        def call(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
-            return functional_call(self._template, (params, buffers), (x,))
+        def call(tensors: tuple[Tensor, ...]) -> Tensor:
+            with self._swapped(tensors) as template:
+                return template(x)
 
-        params, buffers = self._stacked()
+        tensors = self._tensors()
         # in training mode a BatchNorm updates the members' own stacked statistics in place
-        return map_stacked(self, call, (params, buffers), x.device, restore=buffers.values())
+        return map_stacked(
+            self, call, (tensors,), x.device, restore=tensors[len(self._param_names) :]
+        )
+
+    def reset_parameters(self) -> None:
+        """A fresh random init of every member (``reset_parameters`` of each member's layers)."""
+        params, _ = self._stacked()
+        with torch.no_grad():
+            for index in range(self.num_members):
+                fresh = reinitialized(self.member(index))
+                for name, value in fresh.named_parameters():
+                    params[name][index].copy_(value)
 
     def member(self, index: int) -> nn.Module:
         """A standalone copy of member ``index`` with its current weights.

@@ -170,12 +170,41 @@ def mc_plan(model: nn.Module, x: Tensor) -> MCPlan:
     key = tuple((id(m), m.training) for m in model.modules())
     plans = _PLANS.setdefault(model, {})
     plan = plans.get(key)
+    if in_functorch_transform():
+        return _plan_in_transform(model, plans, key, plan)
     if plan is None or not plan.valid_for(model):
         plan = _build_plan(model, x)
         if len(plans) > 8:  # structures seen before and gone (e.g. converted layers)
             plans.clear()
         plans[key] = plan
     return plan
+
+
+def in_functorch_transform() -> bool:
+    """Whether the code runs inside a ``torch.func`` transform (``vmap``, ``grad``)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _plan_in_transform(
+    model: nn.Module, plans: dict[tuple, MCPlan], key: tuple, plan: MCPlan | None
+) -> MCPlan:
+    """The plan inside ``torch.func.vmap`` (e.g. stacked runs), where a trace cannot be probed.
+
+    A plan built outside the transform serves when it holds no tensor of the network (its
+    parameters may be swapped in by ``functional_call``); otherwise the network's samples are
+    folded at the input, which needs no probe (cached apart from the plans built outside).
+    """
+    if plan is not None and plan.valid_for(model):
+        return plan
+    if isinstance(model, SamplingModule) or not _holds_sampling(model):
+        return _build_plan(model, None)  # nothing to probe
+    inside = plans.get(("vmap", *key))
+    if inside is None:
+        _check_batch_first(model, model.named_modules())
+        inside = plans[("vmap", *key)] = MCPlan(
+            model, None, reason="first used inside torch.func.vmap, where no trace is checked"
+        )
+    return inside
 
 
 def _fallback(model: nn.Module, reason: str) -> MCPlan:
@@ -202,7 +231,7 @@ def _check_batch_first(model: nn.Module, named_modules: Iterator[tuple[str, nn.M
             )
 
 
-def _build_plan(model: nn.Module, x: Tensor) -> MCPlan:
+def _build_plan(model: nn.Module, x: Tensor | None) -> MCPlan:
     if isinstance(model, SamplingModule):  # a single layer: it folds its input itself
         return MCPlan(model, None, single_layer=True)
     if not _holds_sampling(model):  # nothing samples: the network runs once, as it is

@@ -50,8 +50,9 @@ from torch import Tensor, nn
 from torch.distributions import HalfCauchy
 from torch.func import functional_call, vmap
 
+from uq_box.checks import non_negative_int, positive_finite, positive_int
 from uq_box.losses import MSE, NLL
-from uq_box.methods.base import non_negative_int, positive_finite, positive_int, unpack_batch
+from uq_box.methods.base import unpack_batch
 from uq_box.methods.predictive import regression_predictive
 from uq_box.reference.diagnostics import import_pyro, mcmc_summary, parameter_names
 
