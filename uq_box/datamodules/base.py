@@ -182,7 +182,25 @@ class InMemoryLoader:
                 yield {"input": self.inputs[index], "target": self.targets[index]}
 
 
-class ArrayDataModule(LightningDataModule):
+class SplitStore:
+    """The splits a data module holds in memory: ``_data[split] = (inputs, targets)``."""
+
+    _data: dict[str, tuple[Tensor, Tensor]]
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data module holds ``split`` (``"train"``, ``"val"``, ``"test"``, ``"calib"``)."""
+        return split in self._data
+
+    def split(self, split: str) -> tuple[Tensor, Tensor]:
+        """The ``(inputs, targets)`` of ``split``; a clear error when it is missing."""
+        if split not in self._data:
+            raise ValueError(
+                f"{type(self).__name__} has no '{split}' split; it has {sorted(self._data)}"
+            )
+        return self._data[split]
+
+
+class ArrayDataModule(SplitStore, LightningDataModule):
     """Wrap arrays or tensors into a data module, so any method trains on a user's data.
 
     Args:
@@ -247,18 +265,6 @@ class ArrayDataModule(LightningDataModule):
         if len(x_t) == 0:
             raise ValueError(f"`{x_name}` is empty; expected at least one row")
         self._data[split] = (x_t, y_t)
-
-    def has_split(self, split: str) -> bool:
-        """Whether the data module holds ``split`` (``"train"``, ``"val"``, ``"test"``, ``"calib"``)."""
-        return split in self._data
-
-    def split(self, split: str) -> tuple[Tensor, Tensor]:
-        """The ``(inputs, targets)`` of ``split``; a clear error when it is missing."""
-        if split not in self._data:
-            raise ValueError(
-                f"{type(self).__name__} has no '{split}' split; it has {sorted(self._data)}"
-            )
-        return self._data[split]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> InMemoryLoader | list:
         if split not in self._data:

@@ -20,7 +20,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 
 from uq_box.checks import positive_int
-from uq_box.datamodules.base import ArrayDataModule, ArrayLike, InMemoryLoader
+from uq_box.datamodules.base import ArrayDataModule, ArrayLike, InMemoryLoader, SplitStore
 
 __all__ = ["StackedDataModule", "StackedLoader", "kfold_datamodules"]
 
@@ -100,7 +100,7 @@ class StackedLoader(InMemoryLoader):
                 }
 
 
-class StackedDataModule(LightningDataModule):
+class StackedDataModule(SplitStore, LightningDataModule):
     """``K`` data modules, one per run, as one module of per-run batches ``[K, B, ...]``.
 
     Args:
@@ -113,6 +113,7 @@ class StackedDataModule(LightningDataModule):
             first module's).
 
     Run ``k`` shuffles its training set with ``datamodules[k].seed``, as its separate fit would.
+    :meth:`split` gives a split's stacked ``(inputs [K, N, ...], targets [K, N, ...])``.
     """
 
     def __init__(
@@ -159,18 +160,6 @@ class StackedDataModule(LightningDataModule):
                         f"the same number of rows per split (see kfold_datamodules)"
                     )
             self._data[split] = (torch.stack(xs), torch.stack(ys))
-
-    def has_split(self, split: str) -> bool:
-        """Whether the runs hold ``split``."""
-        return split in self._data
-
-    def split(self, split: str) -> tuple[Tensor, Tensor]:
-        """The stacked ``(inputs [K, N, ...], targets [K, N, ...])`` of ``split``."""
-        if split not in self._data:
-            raise ValueError(
-                f"StackedDataModule has no '{split}' split; it has {sorted(self._data)}"
-            )
-        return self._data[split]
 
     def _loader(self, split: str) -> StackedLoader | list:
         if split not in self._data:

@@ -57,6 +57,50 @@ OWNED_HOOKS = {
 }
 
 
+def optimizer_config(optimizer: Optimizer, lr_scheduler: LRSchedulerCallable | None) -> Any:
+    """What ``configure_optimizers`` returns: ``optimizer``, with the scheduler built on it
+    (a ``ReduceLROnPlateau`` watches ``val_loss``).
+    """
+    if lr_scheduler is None:
+        return optimizer
+    scheduler = lr_scheduler(optimizer)
+    config = {"scheduler": scheduler}
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        config["monitor"] = "val_loss"
+    return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def accumulate(running: dict[str, list], stage: str, terms: dict[str, Tensor], weight: int) -> None:
+    """Add a batch's terms, weighted by its size, to the running sums ``{stage_name: [sum,
+    count]}`` of an epoch (tensors of any shape: one value, or one per stacked run).
+    """
+    for name, value in terms.items():
+        key = f"{stage}_{name}"
+        total = value.detach() * weight
+        if key in running:
+            running[key][0] += total
+            running[key][1] += weight
+        else:
+            running[key] = [total, weight]
+
+
+def pop_means(
+    running: dict[str, list], stage: str, skip: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """The epoch means of ``stage``'s running sums, removed from ``running``; a mean squared
+    error ``*_mse`` becomes its root ``*_rmse``; names in ``skip`` are dropped.
+    """
+    values = {}
+    for key in [k for k in running if k.startswith(f"{stage}_")]:
+        total, count = running.pop(key)
+        value = total / count
+        if key.endswith("_mse"):
+            key, value = key[: -len("mse")] + "rmse", value.sqrt()
+        if key[len(stage) + 1 :] not in skip:
+            values[key] = value
+    return values
+
+
 def dataset_size(loader: object) -> int | None:
     """Number of training points a loader draws per epoch, all processes together, if it says.
 
@@ -418,13 +462,7 @@ class UQMethod(LightningModule):
         """
         optimizer = (self.optimizer or self.default_optimizer)(self.optimizer_parameters())
         self.check_optimizer(optimizer)
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        config = {"scheduler": scheduler}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val_loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return optimizer_config(optimizer, self.lr_scheduler)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One optimization step on the method's objective."""
@@ -496,27 +534,13 @@ class UQMethod(LightningModule):
         return tensor if param is None else tensor.to(param.dtype)
 
     def _accumulate(self, stage: str, terms: dict[str, Tensor], weight: int) -> None:
-        for name, value in terms.items():
-            key = f"{stage}_{name}"
-            total = value.detach() * weight
-            if key in self._running:
-                self._running[key][0] += total
-                self._running[key][1] += weight
-            else:
-                self._running[key] = [total, weight]
+        accumulate(self._running, stage, terms, weight)
 
     def _log_running(self, stage: str, skip: Collection[str] = ()) -> None:
         # `skip`: names the stage's metrics log (e.g. `val_nll` is the predictive NLL, not the
         # loss term); logging a name twice in one hook averages the two values, and under DDP
         # (different `sync_dist`) it is an error
-        values = {}
-        for key in [k for k in self._running if k.startswith(f"{stage}_")]:
-            total, count = self._running.pop(key)
-            value = total / count
-            if key.endswith("_mse"):
-                key, value = key[: -len("mse")] + "rmse", value.sqrt()
-            if key[len(stage) + 1 :] not in skip:
-                values[key] = value
+        values = pop_means(self._running, stage, skip)
         if values:
             if self._trainer is not None and self.trainer.world_size > 1:
                 # the means over all processes, for the log and `on_epoch_means` alike (a

@@ -25,7 +25,14 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from uq_box.checks import positive_int
-from uq_box.methods.base import UQMethod, eval_mode, unpack_batch
+from uq_box.methods.base import (
+    UQMethod,
+    accumulate,
+    eval_mode,
+    optimizer_config,
+    pop_means,
+    unpack_batch,
+)
 from uq_box.nn.ensemble import StackedEnsemble, reinitialized
 
 __all__ = ["StackedRuns"]
@@ -248,13 +255,7 @@ class StackedRuns(LightningModule):
         """The method's optimizer (and scheduler) over the stacked parameters."""
         optimizer = self.optimizer_fn([p for p in self.parameters() if p.requires_grad])
         self._check_optimizer(optimizer)
-        if self.lr_scheduler_fn is None:
-            return optimizer
-        scheduler = self.lr_scheduler_fn(optimizer)
-        config = {"scheduler": scheduler}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val_loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return optimizer_config(optimizer, self.lr_scheduler_fn)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The sum of the runs' objectives (each run's gradient is its own)."""
@@ -337,24 +338,10 @@ class StackedRuns(LightningModule):
             method.update_metrics(run_metrics, {key: v[k] for key, v in preds.items()}, target[k])
 
     def _accumulate(self, stage: str, terms: dict[str, Tensor], weight: int) -> None:
-        for name, value in terms.items():
-            key = f"{stage}_{name}"
-            total = value.detach() * weight
-            if key in self._running:
-                self._running[key][0] += total
-                self._running[key][1] += weight
-            else:
-                self._running[key] = [total, weight]
+        accumulate(self._running, stage, terms, weight)
 
     def _log_running(self, stage: str, skip: set[str] | frozenset = frozenset()) -> dict:
-        values = {}
-        for key in [k for k in self._running if k.startswith(f"{stage}_")]:
-            total, count = self._running.pop(key)
-            value = total / count
-            if key.endswith("_mse"):
-                key, value = key[: -len("mse")] + "rmse", value.sqrt()
-            if key[len(stage) + 1 :] not in skip:
-                values[key] = value
+        values = pop_means(self._running, stage, skip)
         if values:
             self.run_metrics.setdefault(stage, {}).update(
                 {k[len(stage) + 1 :]: v for k, v in values.items()}
