@@ -171,15 +171,18 @@ class InMemoryLoader:
         self._resume = None
         self.epoch += 1
         self._drawn = (epoch, skip)
-        length = self.num_samples if order is None else len(order)
+        length = self.num_samples if order is None else order.shape[-1]
         for start in range(skip * self.batch_size, length, self.batch_size):
             self._drawn = (epoch, self._drawn[1] + 1)
-            if order is None:
-                stop = start + self.batch_size
-                yield {"input": self.inputs[start:stop], "target": self.targets[start:stop]}
-            else:
-                index = order[start : start + self.batch_size]
-                yield {"input": self.inputs[index], "target": self.targets[index]}
+            yield self._batch(order, start)
+
+    def _batch(self, order: Tensor | None, start: int) -> dict[str, Tensor]:
+        """The batch of the rows ``start:start + batch_size`` of ``order`` (in order: None)."""
+        if order is None:
+            stop = start + self.batch_size
+            return {"input": self.inputs[start:stop], "target": self.targets[start:stop]}
+        index = order[start : start + self.batch_size]
+        return {"input": self.inputs[index], "target": self.targets[index]}
 
 
 class SplitStore:

@@ -12,7 +12,7 @@ cross-validation from a user's arrays.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,27 +77,19 @@ class StackedLoader(InMemoryLoader):
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        order = self._indices()
-        epoch, skip = self.epoch, 0
-        if self._resume is not None and self._resume[0] == epoch:
-            skip = self._resume[1]
-        self._resume = None
-        self.epoch += 1
-        self._drawn = (epoch, skip)
-        k = self.num_runs
-        flat_x, flat_y = self.inputs.flatten(0, 1), self.targets.flatten(0, 1)
-        for start in range(skip * self.batch_size, self.num_samples, self.batch_size):
-            self._drawn = (epoch, self._drawn[1] + 1)
-            if order is None:
-                stop = start + self.batch_size
-                yield {"input": self.inputs[:, start:stop], "target": self.targets[:, start:stop]}
-            else:
-                index = order[:, start : start + self.batch_size].reshape(-1)
-                yield {
-                    "input": flat_x.index_select(0, index).unflatten(0, (k, -1)),
-                    "target": flat_y.index_select(0, index).unflatten(0, (k, -1)),
-                }
+    def _batch(self, order: Tensor | None, start: int) -> dict[str, Tensor]:
+        """Every run's batch ``[K, B, ...]``: one ``index_select`` into the runs' rows laid end
+        to end (``order`` holds those flat indices, see :meth:`_indices`).
+        """
+        if order is None:
+            stop = start + self.batch_size
+            return {"input": self.inputs[:, start:stop], "target": self.targets[:, start:stop]}
+        index = order[:, start : start + self.batch_size].reshape(-1)
+        shape = (self.num_runs, -1)
+        return {
+            "input": self.inputs.flatten(0, 1).index_select(0, index).unflatten(0, shape),
+            "target": self.targets.flatten(0, 1).index_select(0, index).unflatten(0, shape),
+        }
 
 
 class StackedDataModule(SplitStore, LightningDataModule):
