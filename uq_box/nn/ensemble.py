@@ -271,7 +271,9 @@ class StackedEnsemble(nn.Module):
             with self._swapped(tensors) as template:
                 return fn(template, *a)
 
-        return vmap(call, in_dims=dims, randomness="different")(self._tensors(), *args)
+        tensors = self._tensors()
+        with batchable_attention(tensors[0].device):  # no per-member fallback for attention
+            return vmap(call, in_dims=dims, randomness="different")(tensors, *args)
 
     def _stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         params = {n: self.params[_key(n)] for n in self._param_names}
