@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: N812
 from lightning import seed_everything
 from torch.distributions import Normal
 
-from uq_box.losses import MSE, NLL, elbo_loss, gaussian_nll, softplus_std
+from uq_box.losses import MSE, NLL, elbo_loss, gaussian_nll_loss, softplus_std
 
 
 def test_nll_heteroscedastic_matches_torch_normal_log_prob():
@@ -63,10 +63,10 @@ def test_nll_rejects_bad_arguments(kwargs):
         NLL(**kwargs)
 
 
-def test_gaussian_nll_and_softplus_std():
+def test_gaussian_nll_loss_and_softplus_std():
     mean, std, y = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(4.0)
     expected = 0.5 * math.log(2 * math.pi) + math.log(2.0) + 0.5 * (3.0 / 2.0) ** 2
-    torch.testing.assert_close(gaussian_nll(mean, std, y), torch.tensor(expected))
+    torch.testing.assert_close(gaussian_nll_loss(mean, std, y), torch.tensor(expected))
     raw = torch.tensor([-3.0, 0.0, 5.0])
     torch.testing.assert_close(softplus_std(raw, 0.01), torch.log1p(torch.exp(raw)) + 0.01)
 

@@ -25,19 +25,27 @@ def softplus_std(raw: Tensor, min_std: float = 1e-6) -> Tensor:
     return F.softplus(raw) + min_std
 
 
-def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
-    """Elementwise ``-log N(target | mean, std^2)``, shapes broadcast."""
+def gaussian_nll_loss(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
+    """Elementwise ``-log N(target | mean, std^2)``, shapes broadcast (no reduction).
+
+    The loss of :class:`NLL`; the metric of the same quantity, the mean over checked ``[N]`` or
+    ``[N, T]`` predictions, is :func:`uq_box.metrics.functional.gaussian_nll`.
+    """
     return 0.5 * LOG_2PI + torch.log(std) + 0.5 * ((target - mean) / std) ** 2
 
 
 class NLL(nn.Module):
     """Gaussian negative log-likelihood, averaged over all elements.
 
-    With ``std=None`` (heteroscedastic) the network has 2 outputs per target: ``[..., 0]`` is the
-    mean and ``[..., 1]`` an unconstrained scale ``s`` with ``std = softplus(s) + min_std``.
-    With a fixed ``std`` (known homoscedastic noise) the network has 1 output, the mean.
+    With ``std=None`` (heteroscedastic) the network has 2 outputs per target, laid out
+    target-major as :class:`PinballLoss` lays out its levels: ``[..., 2 T]`` holds
+    ``(mean, scale)`` of target 0, then of target 1, ...; for one target ``[..., 0]`` is the mean
+    and ``[..., 1]`` an unconstrained scale ``s`` with ``std = softplus(s) + min_std``.
+    With a fixed ``std`` (known homoscedastic noise) the network has 1 output per target, the
+    mean: ``[..., T]``.
 
-    Outputs may carry leading sample dimensions (``[S, N, 2]``); the target ``[N, 1]`` broadcasts.
+    Outputs may carry leading sample dimensions (``[S, N, 2 T]``); the target ``[N, T]``
+    broadcasts.
 
     Targets recorded on a grid (integer quality scores, prices rounded to cents) carry a
     rounding error: with ``resolution`` ``Δ`` the grid step, the observed target is a continuous
@@ -75,12 +83,19 @@ class NLL(nn.Module):
         return 1 if self.std is not None else 2
 
     def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
-        """``[..., num_outputs] -> (mean [..., 1], std [..., 1])``."""
-        mean = outputs[..., :1]
+        """``[..., T * num_outputs] -> (mean [..., T], std [..., T])``."""
         if self.std is not None:
+            mean = outputs
             std = torch.full_like(mean, self.std)
         else:
-            std = softplus_std(outputs[..., 1:2], self.min_std)
+            if outputs.shape[-1] == 0 or outputs.shape[-1] % 2 != 0:
+                raise ValueError(
+                    f"the network gives {outputs.shape[-1]} outputs per point, expected an even "
+                    f"number (a mean and a scale per target) for the heteroscedastic NLL"
+                )
+            pairs = outputs.unflatten(-1, (-1, 2))  # [..., T, (mean, scale)]
+            mean = pairs[..., 0]
+            std = softplus_std(pairs[..., 1], self.min_std)
         if self.quantized:  # the rounding error's variance (see the class docstring)
             std = (std.square() + self.resolution.square() / 12.0).sqrt()
         return mean, std
@@ -88,7 +103,7 @@ class NLL(nn.Module):
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Mean NLL of ``target`` under the Gaussians the ``outputs`` describe."""
         mean, std = self.mean_and_std(outputs)
-        return gaussian_nll(mean, std, target).mean()
+        return gaussian_nll_loss(mean, std, target).mean()
 
     def extra_repr(self) -> str:
         text = f"std={self.std}" if self.std is not None else f"min_std={self.min_std}"
@@ -97,12 +112,12 @@ class NLL(nn.Module):
 
 
 class MSE(nn.Module):
-    """Mean squared error of a 1-output network; it predicts a mean and no noise level."""
+    """Mean squared error of a network with one output per target: a mean and no noise level."""
 
     num_outputs = 1
 
     def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, None]:
-        """``[..., 1] -> (mean [..., 1], None)``."""
+        """``[..., T] -> (mean [..., T], None)``."""
         return outputs, None
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:

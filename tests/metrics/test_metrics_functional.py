@@ -115,8 +115,10 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="`std` must be strictly positive"):
         fm.gaussian_nll(ones, torch.zeros(5), ones)
     with pytest.raises(ValueError, match="`target` must have shape"):
+        fm.gaussian_crps(ones, ones, torch.ones(5, 1, 1))
+    with pytest.raises(ValueError, match="same shape"):
         fm.gaussian_crps(ones, ones, torch.ones(5, 2))
-    with pytest.raises(ValueError, match="same number of values"):
+    with pytest.raises(ValueError, match="same shape"):
         fm.gaussian_crps(ones, ones, torch.ones(4))
     with pytest.raises(ValueError, match="`level`"):
         fm.interval_coverage(ones, ones, ones, level=1.0)
@@ -124,3 +126,13 @@ def test_bad_inputs_are_named():
         fm.miscalibration_area(ones, ones, ones, num_bins=1)
     with pytest.raises(TypeError, match="`mean` must be a torch.Tensor"):
         fm.gaussian_nll(np.ones(5), ones, ones)
+
+
+def test_several_targets_pool_all_values():
+    """``[N, T]`` predictions score as the ``N T`` values of one flat set."""
+    mean, std, target = (torch.from_numpy(a) for a in _case("mixed"))
+    n = len(mean) // 2 * 2
+    columns = [a[:n].reshape(-1, 2) for a in (mean, std, target)]
+    flat = [a[:n] for a in (mean, std, target)]
+    for fn in (fm.gaussian_nll, fm.gaussian_crps, fm.interval_coverage, fm.miscalibration_area):
+        torch.testing.assert_close(fn(*columns), fn(*flat))

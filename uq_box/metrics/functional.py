@@ -1,7 +1,8 @@
 """Functional metrics for Gaussian predictive distributions in regression.
 
 Every function takes the predictive ``mean``, the predictive standard deviation ``std`` and the
-``target``, each of shape ``[N]`` or ``[N, 1]``, and flattens them internally.
+``target``, each of shape ``[N]`` or ``[N, T]`` (the same for all three; ``[N]`` and ``[N, 1]`` mix),
+and flattens them internally: with ``T`` targets a score is the mean over all ``N T`` values.
 
 The calibration metrics reproduce uncertainty-toolbox 0.1.1
 (``uncertainty_toolbox.metrics_calibration``, Chung et al. 2021, arXiv:2109.10254) with its
@@ -33,20 +34,19 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _flatten_inputs(mean: Tensor, std: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Check that ``mean``, ``std`` and ``target`` are ``[N]`` or ``[N, 1]``; return them flat."""
-    flat = []
+    """Check that ``mean``, ``std`` and ``target`` are ``[N]`` or ``[N, T]``; return them flat."""
+    flat, shapes = [], []
     for name, value in (("mean", mean), ("std", std), ("target", target)):
         if not isinstance(value, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-        if value.ndim not in (1, 2) or (value.ndim == 2 and value.shape[1] != 1):
-            raise ValueError(f"`{name}` must have shape [N] or [N, 1], got {list(value.shape)}")
+        if value.ndim not in (1, 2):
+            raise ValueError(f"`{name}` must have shape [N] or [N, T], got {list(value.shape)}")
         flat.append(value.reshape(-1))
-    sizes = [v.numel() for v in flat]
-    if len(set(sizes)) != 1:
-        raise ValueError(
-            f"`mean`, `std` and `target` must hold the same number of values, got {sizes}"
-        )
-    if sizes[0] == 0:
+        shapes.append(list(value.shape) if value.ndim == 2 else [value.numel(), 1])
+    if any(shape != shapes[0] for shape in shapes):
+        sizes = [list(v.shape) for v in (mean, std, target)]
+        raise ValueError(f"`mean`, `std` and `target` must have the same shape, got {sizes}")
+    if flat[0].numel() == 0:
         raise ValueError("`mean`, `std` and `target` are empty")
     if not bool((flat[1] > 0).all()):
         raise ValueError("`std` must be strictly positive everywhere")
@@ -83,7 +83,7 @@ def gaussian_nll(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
     ``uncertainty_toolbox.nll_gaussian``.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
 
@@ -102,7 +102,7 @@ def gaussian_crps(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
     ``std * (z * (2 * Phi(z) - 1) + 2 * phi(z) - 1 / sqrt(pi))`` with ``z = (target - mean) / std``.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
 
@@ -119,7 +119,7 @@ def interval_coverage(mean: Tensor, std: Tensor, target: Tensor, level: float = 
     The interval is ``mean ± Phi^{-1}(0.5 + level / 2) * std`` (bounds included).
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
         level: nominal coverage of the interval, in ``(0, 1)``.
@@ -142,7 +142,7 @@ def calibration_curve(
     ``(mean - target) / std`` in ``[Phi^{-1}(0.5 - p / 2), Phi^{-1}(0.5 + p / 2)]``.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
         num_bins: number of expected proportions, at least 2.
@@ -192,7 +192,7 @@ def miscalibration_area(mean: Tensor, std: Tensor, target: Tensor, num_bins: int
     splitting segments that cross the diagonal at the crossing point.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
         num_bins: number of expected proportions, at least 2.
@@ -213,7 +213,7 @@ def mean_absolute_calibration_error(
     Matches ``uncertainty_toolbox.mean_absolute_calibration_error`` with its defaults.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
         num_bins: number of expected proportions, at least 2.
@@ -234,7 +234,7 @@ def root_mean_squared_calibration_error(
     Matches ``uncertainty_toolbox.root_mean_squared_calibration_error`` with its defaults.
 
     Args:
-        mean: predictive means, ``[N]`` or ``[N, 1]``.
+        mean: predictive means, ``[N]`` or ``[N, T]``.
         std: predictive standard deviations (positive), same shape as ``mean``.
         target: observed targets, same shape as ``mean``.
         num_bins: number of expected proportions, at least 2.

@@ -1,6 +1,6 @@
 """torchmetrics ``Metric`` classes for Gaussian predictive distributions in regression.
 
-Each ``update(mean, std, target)`` takes tensors of shape ``[B]`` or ``[B, 1]``. Averaging metrics
+Each ``update(mean, std, target)`` takes tensors of shape ``[B]`` or ``[B, T]``. Averaging metrics
 keep a running sum and count (summed across processes under DDP), so batches of any size give the
 mean over all points; :class:`MiscalibrationArea` keeps every prediction (concatenated across
 processes) because the calibration curve is not a sum over points.
@@ -37,7 +37,7 @@ class _MeanOverPoints(Metric):
         """Add a batch of predictions.
 
         Args:
-            mean: predictive means, ``[B]`` or ``[B, 1]``.
+            mean: predictive means, ``[B]`` or ``[B, T]``.
             std: predictive standard deviations (positive), same shape as ``mean``.
             target: observed targets, same shape as ``mean``.
         """
@@ -126,7 +126,7 @@ class MiscalibrationArea(Metric):
         """Add a batch of predictions.
 
         Args:
-            mean: predictive means, ``[B]`` or ``[B, 1]``.
+            mean: predictive means, ``[B]`` or ``[B, T]``.
             std: predictive standard deviations (positive), same shape as ``mean``.
             target: observed targets, same shape as ``mean``.
         """
