@@ -161,3 +161,16 @@ def test_num_training_points_counts_the_sampled_subset():
     trainer(max_epochs=1, limit_val_batches=0).fit(model, loader)
     assert model.global_step == 3
     assert model.num_training_points == 30
+
+
+def test_mc_dropout_names_layer_and_method_apart():
+    """``uq_box.nn.MCDropout`` is the layer; the methods say where to look instead."""
+    import uq_box.methods
+    from uq_box.methods import MCDropoutMethod, MCDropoutRegression
+    from uq_box.nn import MCDropout
+
+    assert issubclass(MCDropoutRegression, MCDropoutMethod) and not issubclass(
+        MCDropoutRegression, MCDropout
+    )
+    with pytest.raises(AttributeError, match="MCDropoutRegression.*uq_box.nn.MCDropout"):
+        uq_box.methods.MCDropout  # noqa: B018

@@ -18,7 +18,11 @@ from uq_box.methods.deterministic import (
     MVERegression,
 )
 from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegression
-from uq_box.methods.mc_dropout import MCDropout, MCDropoutClassification, MCDropoutRegression
+from uq_box.methods.mc_dropout import (
+    MCDropoutClassification,
+    MCDropoutMethod,
+    MCDropoutRegression,
+)
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
 from uq_box.methods.sgmcmc import (
@@ -50,8 +54,8 @@ __all__ = [
     "Laplace",
     "LaplaceClassification",
     "LaplaceRegression",
-    "MCDropout",
     "MCDropoutClassification",
+    "MCDropoutMethod",
     "MCDropoutRegression",
     "MVERegression",
     "PostHocCalibration",
@@ -73,3 +77,13 @@ __all__ = [
     "TemperatureScaling",
     "UQMethod",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "MCDropout":  # the layer's name; the method family base is MCDropoutMethod
+        raise AttributeError(
+            "uq_box.methods has no `MCDropout`: the MC dropout methods are MCDropoutRegression and "
+            "MCDropoutClassification (family base: MCDropoutMethod); the layer is "
+            "uq_box.nn.MCDropout"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

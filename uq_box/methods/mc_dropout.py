@@ -21,8 +21,8 @@ from uq_box.nn import sample_forward
 from uq_box.nn.dropout import to_mc_dropout
 
 
-class MCDropout(UQMethod):
-    """MC dropout for any task mixin.
+class MCDropoutMethod(UQMethod):
+    """MC dropout for any task mixin (the family base; the layer is :class:`uq_box.nn.MCDropout`).
 
     Args:
         model: the backbone with ``nn.Dropout`` layers (converted to MC dropout in place).
@@ -55,9 +55,9 @@ class MCDropout(UQMethod):
         return sample_forward(self.model, x, num_samples)
 
 
-class MCDropoutRegression(RegressionTask, MCDropout):
+class MCDropoutRegression(RegressionTask, MCDropoutMethod):
     """MC dropout for regression (default: heteroscedastic Gaussian NLL, 2 outputs)."""
 
 
-class MCDropoutClassification(ClassificationTask, MCDropout):
+class MCDropoutClassification(ClassificationTask, MCDropoutMethod):
     """MC dropout for classification (cross-entropy; entropy / mutual-information split)."""
