@@ -29,6 +29,7 @@ from uq_box.methods.predictive import (
     criterion_mean_and_std,
     criterion_num_outputs,
     regression_predictive,
+    update_regression_metrics,
 )
 from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
@@ -639,13 +640,8 @@ class RegressionTask:
     def update_metrics(
         self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
     ) -> None:
-        """Feed the predictive mean and total std to the metrics."""
-        target = target.to(preds["pred"].dtype)
-        for name, metric in metrics.items():
-            if name == "rmse":
-                metric.update(preds["pred"], target)
-            else:
-                metric.update(preds["pred"], preds["pred_uct"], target)
+        """Feed the predictions to the metrics, see :func:`update_regression_metrics`."""
+        update_regression_metrics(metrics, preds, target, self.criterion)
 
 
 class ClassificationTask:

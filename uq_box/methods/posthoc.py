@@ -410,22 +410,6 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
             preds.update(pred_uct=new_std, lower=lower, upper=upper)
         return preds
 
-    def update_metrics(
-        self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
-    ) -> None:
-        """Gaussian metrics on ``pred``/``pred_uct``; coverage and width of the interval."""
-        target = target.to(preds["pred"].dtype)
-        for name, metric in metrics.items():
-            if name == "rmse":
-                metric.update(preds["pred"], target)
-            elif name == "coverage":
-                inside = (target >= preds["lower"]) & (target <= preds["upper"])
-                metric.update(inside.to(target.dtype))
-            elif name == "interval_width":
-                metric.update(preds["upper"] - preds["lower"])
-            else:
-                metric.update(preds["pred"], preds["pred_uct"], target)
-
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # the conformal quantile has one entry per target, unknown until calibration
         key = prefix + "conformal_quantile"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from uq_box.losses import pinball_loss
+
 
 def regression_predictive(
     outputs: Tensor, criterion: nn.Module, noise_std: Tensor | None = None
@@ -52,3 +54,33 @@ def criterion_mean_and_std(criterion: nn.Module, outputs: Tensor) -> tuple[Tenso
 def criterion_num_outputs(criterion: nn.Module) -> int:
     """Network outputs per target that ``criterion`` expects (1 for plain losses such as MSE)."""
     return int(getattr(criterion, "num_outputs", 1))
+
+
+def update_regression_metrics(
+    metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor, criterion: nn.Module
+) -> None:
+    """Feed one batch of regression predictions to ``metrics``, the one place that says which
+    prediction each metric (by its name) takes.
+
+    ``rmse``: the mean ``pred``; ``coverage``: whether the target lies in ``[lower, upper]``;
+    ``interval_width``: ``upper - lower``; ``pinball``: the pinball loss of the predicted
+    ``quantiles`` at the criterion's ``levels``; any other name: the Gaussian
+    ``(pred, pred_uct, target)`` (NLL, CRPS, coverage of a Gaussian interval, calibration).
+    """
+    target = target.to(preds["pred"].dtype)
+    for name, metric in metrics.items():
+        if name == "rmse":
+            metric.update(preds["pred"], target)
+        elif name == "coverage":
+            inside = (target >= preds["lower"]) & (target <= preds["upper"])
+            metric.update(inside.to(target.dtype))
+        elif name == "interval_width":
+            metric.update(preds["upper"] - preds["lower"])
+        elif name == "pinball":
+            quantiles = preds["quantiles"]
+            if quantiles.ndim == target.ndim:  # one target: [N, Q] -> [N, 1, Q]
+                quantiles = quantiles.unsqueeze(-2)
+            levels = criterion.levels.to(target.dtype)
+            metric.update(pinball_loss(quantiles, target.unsqueeze(-1), levels))
+        else:
+            metric.update(preds["pred"], preds["pred_uct"], target)

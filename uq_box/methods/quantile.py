@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from uq_box.losses import PinballLoss, pinball_loss
+from uq_box.losses import PinballLoss
 from uq_box.methods.base import LRSchedulerCallable, OptimizerCallable, RegressionTask
 from uq_box.methods.deterministic import Deterministic
 from uq_box.methods.predictive import regression_predictive
@@ -118,23 +118,3 @@ class QuantileRegression(RegressionTask, Deterministic):
         preds["upper"] = quantiles[..., -1]
         preds["quantiles"] = quantiles.squeeze(-2) if quantiles.shape[-2] == 1 else quantiles
         return preds
-
-    def update_metrics(
-        self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
-    ) -> None:
-        """Gaussian metrics on ``pred``/``pred_uct``; coverage and pinball on the quantiles."""
-        target = target.to(preds["pred"].dtype)
-        quantiles = preds["quantiles"]
-        if quantiles.ndim == target.ndim:  # one target: [N, Q] -> [N, 1, Q]
-            quantiles = quantiles.unsqueeze(-2)
-        for name, metric in metrics.items():
-            if name == "rmse":
-                metric.update(preds["pred"], target)
-            elif name == "coverage":
-                inside = (target >= preds["lower"]) & (target <= preds["upper"])
-                metric.update(inside.to(target.dtype))
-            elif name == "pinball":
-                levels = self.criterion.levels.to(target.dtype)
-                metric.update(pinball_loss(quantiles, target.unsqueeze(-1), levels))
-            else:
-                metric.update(preds["pred"], preds["pred_uct"], target)
