@@ -19,6 +19,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
+from uq_box.checks import positive_int
 from uq_box.viz._utils import to_flat_1d, to_numpy
 
 __all__ = [
@@ -109,8 +110,8 @@ def _regular_grid(grid: np.ndarray) -> int | None:
 
 
 def plot_decision_surface(
-    X_train: Array,  # noqa: N803 -- the field's usual name for a design matrix
-    y_train: Array,
+    X_train: Array,  # noqa: N803 -- the seed tutorials' names (dm.X_train, dm.Y_train)
+    Y_train: Array,  # noqa: N803
     grid: Array,
     probs_or_pred: Array,
     uncertainty: Array,
@@ -122,7 +123,7 @@ def plot_decision_surface(
 
     Args:
         X_train: training inputs ``[N, 2]``.
-        y_train: training labels ``[N]``.
+        Y_train: training labels ``[N]``.
         grid: ``[M, 2]`` inputs where the predictions were made; the ``R x R`` layout of
             ``TwoMoonsDatamodule.grid()``/``SpiralDatamodule.grid()`` is drawn as an image,
             any other set of points as a triangulation.
@@ -139,64 +140,32 @@ def plot_decision_surface(
     x_train = to_numpy(X_train)
     if x_train.ndim != 2 or x_train.shape[1] != 2:
         raise ValueError(f"`X_train` must have shape [N, 2], got {list(x_train.shape)}")
-    y = _labels("y_train", y_train)
+    y = _labels("Y_train", Y_train)
     if len(y) != len(x_train):
-        raise ValueError(f"`y_train` has {len(y)} labels, expected {len(x_train)}")
+        raise ValueError(f"`Y_train` has {len(y)} labels, expected {len(x_train)}")
     points = np.asarray(to_numpy(grid), dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"`grid` must have shape [M, 2], got {list(points.shape)}")
     values = to_flat_1d("uncertainty", uncertainty).astype(np.float64)
     if len(values) != len(points):
         raise ValueError(f"`uncertainty` has {len(values)} values, expected {len(points)}")
+    if grid_extent is not None and len(grid_extent) != 4:
+        raise ValueError(f"`grid_extent` must be (x_min, x_max, y_min, y_max), got {grid_extent!r}")
     raw = to_numpy(probs_or_pred)
-    if raw.ndim == 2:
-        probs = _probabilities("probs_or_pred", raw)
-        pred, confidence = probs.argmax(1), probs.max(1)
-        n_classes = probs.shape[1]
-        chance = 1.0 / n_classes
-        shade = np.clip((confidence - chance) / (1.0 - chance), 0.0, 1.0)
-    else:
-        pred = _labels("probs_or_pred", raw)
-        n_classes = int(pred.max()) + 1 if len(pred) else 1
-        shade = np.full(len(pred), 0.7)
-    if len(pred) != len(points):
-        raise ValueError(f"`probs_or_pred` has {len(pred)} rows, expected {len(points)}")
+    pred, shade, n_classes = _predicted_classes(raw, len(points))
     n_classes = max(n_classes, int(y.max()) + 1 if len(y) else 1)
     palette = np.array([to_rgb(f"C{k % 10}") for k in range(n_classes)])
     rgb = 1.0 - shade[:, None] * (1.0 - palette[pred])  # blend the class colour with white
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
-    resolution = _regular_grid(points)
-    if resolution is not None:
-        xs, ys = points[:resolution, 0], points[::resolution, 1]
-        dx, dy = (xs[-1] - xs[0]) / (resolution - 1), (ys[-1] - ys[0]) / (resolution - 1)
-        extent = (xs[0] - dx / 2, xs[-1] + dx / 2, ys[0] - dy / 2, ys[-1] + dy / 2)
-        image = dict(origin="lower", extent=extent, aspect="auto", interpolation="nearest")
-        axes[0].imshow(rgb.reshape(resolution, resolution, 3), **image)
-        mappable = axes[1].imshow(values.reshape(resolution, resolution), cmap="viridis", **image)
-    else:
-        axes[0].scatter(points[:, 0], points[:, 1], c=rgb, s=6, marker="s", linewidths=0)
-        mappable = axes[1].tripcolor(points[:, 0], points[:, 1], values, cmap="viridis")
+    mappable = _draw_grid_values(axes, points, rgb, values)
     fig.colorbar(mappable, ax=axes[1], label=uncertainty_label)
-
+    if grid_extent is None:
+        grid_extent = (*_span(points[:, 0]), *_span(points[:, 1]))
     for ax in axes:
-        for k in range(n_classes):
-            mask = y == k
-            if mask.any():
-                ax.scatter(
-                    x_train[mask, 0], x_train[mask, 1], s=12, color=palette[k],
-                    edgecolors="black", linewidths=0.4, label=f"class {k}",
-                )  # fmt: skip
-        if grid_extent is not None:
-            if len(grid_extent) != 4:
-                raise ValueError(
-                    f"`grid_extent` must be (x_min, x_max, y_min, y_max), got {grid_extent!r}"
-                )
-            ax.set_xlim(grid_extent[0], grid_extent[1])
-            ax.set_ylim(grid_extent[2], grid_extent[3])
-        else:
-            ax.set_xlim(points[:, 0].min(), points[:, 0].max())
-            ax.set_ylim(points[:, 1].min(), points[:, 1].max())
+        _draw_training_classes(ax, x_train, y, palette)
+        ax.set_xlim(grid_extent[0], grid_extent[1])
+        ax.set_ylim(grid_extent[2], grid_extent[3])
         ax.set_xlabel("$x_1$")
         ax.set_ylabel("$x_2$")
     axes[0].set_title(
@@ -207,6 +176,58 @@ def plot_decision_surface(
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+def _span(values: np.ndarray) -> tuple[float, float]:
+    return float(values.min()), float(values.max())
+
+
+def _predicted_classes(raw: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(predicted class [M], shade [M] in [0, 1], number of classes)`` of ``probs_or_pred``.
+
+    Probabilities shade each class from white at chance level to its full colour at certainty;
+    plain labels get one shade.
+    """
+    if raw.ndim == 2:
+        probs = _probabilities("probs_or_pred", raw)
+        pred, confidence = probs.argmax(1), probs.max(1)
+        n_classes = probs.shape[1]
+        chance = 1.0 / n_classes
+        shade = np.clip((confidence - chance) / (1.0 - chance), 0.0, 1.0)
+    else:
+        pred = _labels("probs_or_pred", raw)
+        n_classes = int(pred.max()) + 1 if len(pred) else 1
+        shade = np.full(len(pred), 0.7)
+    if len(pred) != num_points:
+        raise ValueError(f"`probs_or_pred` has {len(pred)} rows, expected {num_points}")
+    return pred, shade, n_classes
+
+
+def _draw_grid_values(axes: np.ndarray, points: np.ndarray, rgb: np.ndarray, values: np.ndarray):
+    """The class colours on ``axes[0]`` and the uncertainty map on ``axes[1]``: images on a
+    regular grid, else scattered squares and a triangulation. Returns the map's mappable.
+    """
+    resolution = _regular_grid(points)
+    if resolution is None:
+        axes[0].scatter(points[:, 0], points[:, 1], c=rgb, s=6, marker="s", linewidths=0)
+        return axes[1].tripcolor(points[:, 0], points[:, 1], values, cmap="viridis")
+    xs, ys = points[:resolution, 0], points[::resolution, 1]
+    dx, dy = (xs[-1] - xs[0]) / (resolution - 1), (ys[-1] - ys[0]) / (resolution - 1)
+    extent = (xs[0] - dx / 2, xs[-1] + dx / 2, ys[0] - dy / 2, ys[-1] + dy / 2)
+    image = dict(origin="lower", extent=extent, aspect="auto", interpolation="nearest")
+    axes[0].imshow(rgb.reshape(resolution, resolution, 3), **image)
+    return axes[1].imshow(values.reshape(resolution, resolution), cmap="viridis", **image)
+
+
+def _draw_training_classes(ax, x_train: np.ndarray, y: np.ndarray, palette: np.ndarray) -> None:
+    """The training points, one colour and legend entry per class."""
+    for k in range(len(palette)):
+        mask = y == k
+        if mask.any():
+            ax.scatter(
+                x_train[mask, 0], x_train[mask, 1], s=12, color=palette[k],
+                edgecolors="black", linewidths=0.4, label=f"class {k}",
+            )  # fmt: skip
 
 
 def plot_reliability_diagram(
@@ -224,8 +245,7 @@ def plot_reliability_diagram(
         Figure with two axes: the reliability diagram (title ``"... ECE = 0.0123"``) and, below,
         the number of predictions per bin.
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive integer, got {num_bins!r}")
+    num_bins = positive_int(num_bins, "num_bins")
     p = _probabilities("probs", probs)
     t = _labels("target", target)
     if len(t) != len(p):

@@ -11,18 +11,22 @@ import torch
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from uq_box.viz._utils import to_flat_1d
+from uq_box.checks import positive_int
+from uq_box.viz._utils import draw_predictions, sorted_by_input, training_points
 
 __all__ = ["plot_predictions_comparison"]
 
 Array = torch.Tensor | ArrayLike
 
+#: the prediction keys a panel reads (the first two required)
+CURVES = ("pred", "pred_uct", "epistemic_uct", "aleatoric_uct")
+
 
 def plot_predictions_comparison(
-    X_train: Array,  # noqa: N803 -- the field's usual name for a design matrix
+    X_train: Array,  # noqa: N803 -- the seed tutorials' names (dm.X_train, dm.Y_train, ...)
     Y_train: Array,  # noqa: N803
     X_test: Array,  # noqa: N803
-    Y_test: Array,  # noqa: N803
+    Y_test: Array | None,  # noqa: N803
     predictions: Mapping[str, Mapping[str, Array]],
     ncols: int = 3,
     title: str | None = None,
@@ -35,8 +39,9 @@ def plot_predictions_comparison(
     Args:
         X_train: training inputs, ``[N]`` or ``[N, 1]``.
         Y_train: training targets, ``[N]`` or ``[N, 1]``.
-        X_test: test inputs, ``[M]`` or ``[M, 1]``; predictions are at these points.
-        Y_test: test targets, ``[M]`` or ``[M, 1]``.
+        X_test: test inputs, ``[M]`` or ``[M, 1]``; predictions are at these points (e.g. the
+            toy data modules' dense grid ``X_gtext``).
+        Y_test: test targets (e.g. ``Y_gtext``), ``[M]`` or ``[M, 1]``, or ``None``.
         predictions: ``{method: outputs}`` where ``outputs`` is a method's ``predict_step``
             dict: ``"pred"`` and ``"pred_uct"`` (``[M]`` or ``[M, 1]``), optionally
             ``"epistemic_uct"`` and ``"aleatoric_uct"``.
@@ -46,20 +51,52 @@ def plot_predictions_comparison(
     Returns:
         Figure with one axes per method.
     """
-    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"`ncols` must be a positive integer, got {ncols!r}")
+    ncols = positive_int(ncols, "ncols")
     if not predictions:
         raise ValueError("`predictions` is empty; expected {method: {'pred': ..., ...}}")
-    x_train, y_train = to_flat_1d("X_train", X_train), to_flat_1d("Y_train", Y_train)
-    if len(y_train) != len(x_train):
-        raise ValueError(f"`Y_train` has {len(y_train)} values, expected {len(x_train)}")
-    x_test, y_test = to_flat_1d("X_test", X_test), to_flat_1d("Y_test", Y_test)
-    if len(y_test) != len(x_test):
-        raise ValueError(f"`Y_test` has {len(y_test)} values, expected {len(x_test)}")
-    order = np.argsort(x_test, kind="stable")
-    x = x_test[order]
+    train = training_points(X_train, Y_train)
+    x, curves = _sorted_curves(X_test, Y_test, predictions)
 
-    curves: dict[str, dict[str, np.ndarray]] = {}
+    ncols = min(ncols, len(predictions))
+    nrows = math.ceil(len(predictions) / ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), sharex=True, sharey=True,
+        squeeze=False, constrained_layout=True,
+    )  # fmt: skip
+    flat = axes.ravel()
+    for ax in flat[len(predictions) :]:
+        fig.delaxes(ax)
+    for i, (ax, method) in enumerate(zip(flat, predictions, strict=False)):
+        c = curves[method]
+        parts = (
+            [("epistemic", c["epistemic_uct"], "tab:green")]
+            if c["epistemic_uct"] is not None
+            else []
+        )
+        draw_predictions(ax, train, x, curves["Y_test"], c["pred"], c["pred_uct"], parts, 6)
+        ax.set_title(method)
+        if i % ncols == 0:
+            ax.set_ylabel("y")
+        if i >= len(predictions) - ncols:
+            ax.set_xlabel("x")
+        ax.tick_params(labelbottom=True)
+    flat[0].legend(loc="best", fontsize="x-small")
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def _sorted_curves(
+    X_test: Array,  # noqa: N803
+    Y_test: Array | None,  # noqa: N803
+    predictions: Mapping[str, Mapping[str, Array]],
+) -> tuple[np.ndarray, dict]:
+    """The test inputs in increasing order, ``Y_test`` and each method's curves in that order.
+
+    Returns ``(x, curves)`` with ``curves["Y_test"]`` and ``curves[method][key]`` for the keys
+    ``pred``, ``pred_uct``, ``epistemic_uct`` and ``aleatoric_uct`` (``None`` when not given).
+    """
+    columns: dict[str, Array | None] = {"Y_test": Y_test}
     for method, outputs in predictions.items():
         if not isinstance(outputs, Mapping):
             raise TypeError(
@@ -68,51 +105,10 @@ def plot_predictions_comparison(
         missing = [key for key in ("pred", "pred_uct") if key not in outputs]
         if missing:
             raise ValueError(f"`predictions[{method!r}]` lacks {missing}; it has {sorted(outputs)}")
-        curves[method] = {}
-        for key in ("pred", "pred_uct", "epistemic_uct", "aleatoric_uct"):
-            if outputs.get(key) is None:
-                continue
-            values = to_flat_1d(f"predictions[{method!r}][{key!r}]", outputs[key])
-            if len(values) != len(x_test):
-                raise ValueError(
-                    f"`predictions[{method!r}][{key!r}]` has {len(values)} values, expected "
-                    f"{len(x_test)} (one per test input)"
-                )
-            curves[method][key] = values[order]
-
-    ncols = min(ncols, len(curves))
-    nrows = math.ceil(len(curves) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), sharex=True, sharey=True,
-        squeeze=False, constrained_layout=True,
-    )  # fmt: skip
-    flat = axes.ravel()
-    for ax in flat[len(curves) :]:
-        fig.delaxes(ax)
-    for i, (ax, (method, c)) in enumerate(zip(flat, curves.items(), strict=False)):
-        mean, total = c["pred"], c["pred_uct"]
-        ax.scatter(
-            x_train, y_train, s=6, color="tab:gray", alpha=0.7, zorder=3, label="training data"
-        )
-        ax.plot(x, y_test[order], color="black", lw=0.8, alpha=0.4, label="test targets")
-        ax.fill_between(
-            x, mean - 2 * total, mean + 2 * total, color="tab:blue", alpha=0.2,
-            label="±2 std total",
-        )  # fmt: skip
-        if "epistemic_uct" in c:
-            epistemic = c["epistemic_uct"]
-            ax.fill_between(
-                x, mean - 2 * epistemic, mean + 2 * epistemic, color="tab:green", alpha=0.3,
-                label="±2 std epistemic",
-            )  # fmt: skip
-        ax.plot(x, mean, color="tab:blue", lw=1.8, label="predictive mean")
-        ax.set_title(method)
-        if i % ncols == 0:
-            ax.set_ylabel("y")
-        if i >= len(curves) - ncols:
-            ax.set_xlabel("x")
-        ax.tick_params(labelbottom=True)
-    flat[0].legend(loc="best", fontsize="x-small")
-    if title is not None:
-        fig.suptitle(title)
-    return fig
+        for key in CURVES:
+            columns[f"predictions[{method!r}][{key!r}]"] = outputs.get(key)
+    x, flat = sorted_by_input(X_test, columns)
+    curves: dict = {"Y_test": flat["Y_test"]}
+    for method in predictions:
+        curves[method] = {key: flat[f"predictions[{method!r}][{key!r}]"] for key in CURVES}
+    return x, curves

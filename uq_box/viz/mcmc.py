@@ -10,6 +10,8 @@ import torch
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
+from uq_box.checks import positive_int
+
 __all__ = ["plot_traces"]
 
 
@@ -43,17 +45,9 @@ def plot_traces(
     num_chains, num_draws, num_params = values.shape
     if num_draws < 1 or num_params < 1:
         raise ValueError(f"`samples` is empty: shape {list(values.shape)}")
-    if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
-        raise ValueError(f"`max_params` must be a positive integer, got {max_params!r}")
     if names is not None and len(names) != num_params:
         raise ValueError(f"`names` has {len(names)} entries, expected {num_params}")
-    chosen = list(range(num_params)) if params is None else [int(k) for k in params]
-    bad = [k for k in chosen if not 0 <= k < num_params]
-    if bad:
-        raise ValueError(f"`params` {bad} out of range for {num_params} parameters")
-    chosen = chosen[:max_params]
-    if not chosen:
-        raise ValueError("`params` is empty; nothing to plot")
+    chosen = _chosen_params(params, num_params, positive_int(max_params, "max_params"))
 
     fig, axes = plt.subplots(
         len(chosen),
@@ -85,3 +79,14 @@ def plot_traces(
     if num_chains > 1:
         axes[0, 0].legend(loc="upper right", fontsize="small", ncol=min(num_chains, 4))
     return fig
+
+
+def _chosen_params(params: Sequence[int] | None, num_params: int, max_params: int) -> list[int]:
+    """The first ``max_params`` of ``params`` (default ``0, 1, ...``), checked to be in range."""
+    chosen = list(range(num_params)) if params is None else [int(k) for k in params]
+    bad = [k for k in chosen if not 0 <= k < num_params]
+    if bad:
+        raise ValueError(f"`params` {bad} out of range for {num_params} parameters")
+    if not chosen:
+        raise ValueError("`params` is empty; nothing to plot")
+    return chosen[:max_params]

@@ -10,41 +10,44 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import uncertainty_toolbox as uct
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from uq_box.viz._utils import to_flat_1d, to_numpy
+from uq_box.viz._utils import (
+    check_length,
+    draw_predictions,
+    sorted_by_input,
+    to_flat_1d,
+    to_numpy,
+    training_points,
+)
 
 __all__ = ["plot_calibration", "plot_predictions_regression", "plot_toy_regression_data"]
 
 Array = torch.Tensor | ArrayLike
 
 
-def _check_length(expected: int, **arrays: np.ndarray | None) -> None:
-    """Raise naming the first array whose length differs from ``expected``."""
-    for name, array in arrays.items():
-        if array is not None and len(array) != expected:
-            raise ValueError(f"`{name}` has {len(array)} values, expected {expected}")
-
-
 def plot_toy_regression_data(
-    x_train: Array, y_train: Array, x_test: Array, y_test: Array
+    X_train: Array,  # noqa: N803 -- the seed tutorials' names (dm.X_train, dm.Y_train, ...)
+    Y_train: Array,  # noqa: N803
+    X_test: Array,  # noqa: N803
+    Y_test: Array,  # noqa: N803
 ) -> Figure:
     """Scatter plot of 1-D training and test data.
 
     Args:
-        x_train: training inputs, ``[N]`` or ``[N, 1]``.
-        y_train: training targets, ``[N]`` or ``[N, 1]``.
-        x_test: test inputs, ``[M]`` or ``[M, 1]``.
-        y_test: test targets, ``[M]`` or ``[M, 1]``.
+        X_train: training inputs, ``[N]`` or ``[N, 1]``.
+        Y_train: training targets, ``[N]`` or ``[N, 1]``.
+        X_test: test inputs, ``[M]`` or ``[M, 1]``.
+        Y_test: test targets, ``[M]`` or ``[M, 1]``.
 
     Returns:
         Figure with one axes.
     """
-    x_train, y_train = to_flat_1d("x_train", x_train), to_flat_1d("y_train", y_train)
-    x_test, y_test = to_flat_1d("x_test", x_test), to_flat_1d("y_test", y_test)
-    _check_length(len(x_train), y_train=y_train)
-    _check_length(len(x_test), y_test=y_test)
+    x_train, y_train = training_points(X_train, Y_train)
+    x_test, y_test = to_flat_1d("X_test", X_test), to_flat_1d("Y_test", Y_test)
+    check_length(len(x_test), Y_test=y_test)
 
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     ax.scatter(x_test, y_test, s=10, color="tab:orange", alpha=0.5, label="test")
@@ -57,10 +60,10 @@ def plot_toy_regression_data(
 
 
 def plot_predictions_regression(
-    x_train: Array,
-    y_train: Array,
-    x_test: Array,
-    y_test: Array,
+    X_train: Array,  # noqa: N803 -- the seed tutorials' names (dm.X_train, dm.Y_train, ...)
+    Y_train: Array,  # noqa: N803
+    X_test: Array,  # noqa: N803
+    Y_test: Array | None,  # noqa: N803
     pred: Array,
     pred_uct: Array,
     epistemic: Array | None = None,
@@ -71,10 +74,12 @@ def plot_predictions_regression(
     """Predictive mean with ±2 std bands over 1-D inputs, and the uncertainties against x.
 
     Args:
-        x_train: training inputs, ``[N]`` or ``[N, 1]``.
-        y_train: training targets, ``[N]`` or ``[N, 1]``.
-        x_test: test inputs, ``[M]`` or ``[M, 1]``; predictions are at these points.
-        y_test: test targets (ground truth), ``[M]`` or ``[M, 1]``.
+        X_train: training inputs, ``[N]`` or ``[N, 1]``.
+        Y_train: training targets, ``[N]`` or ``[N, 1]``.
+        X_test: test inputs, ``[M]`` or ``[M, 1]``; predictions are at these points (e.g. the
+            toy data modules' dense grid ``X_gtext``).
+        Y_test: test targets (ground truth, e.g. ``Y_gtext``), ``[M]`` or ``[M, 1]``, or
+            ``None`` to draw none.
         pred: predictive mean, ``[M]`` or ``[M, 1]``.
         pred_uct: total predictive std, ``[M]`` or ``[M, 1]``.
         epistemic: epistemic std, ``[M]`` or ``[M, 1]``.
@@ -86,17 +91,9 @@ def plot_predictions_regression(
         Figure with one axes, or two when ``epistemic`` or ``aleatoric`` is given (the second
         shows the stds against x).
     """
-    x_train, y_train = to_flat_1d("x_train", x_train), to_flat_1d("y_train", y_train)
-    _check_length(len(x_train), y_train=y_train)
-    x_test = to_flat_1d("x_test", x_test)
-    columns = {"y_test": y_test, "pred": pred, "pred_uct": pred_uct}
-    columns |= {"epistemic": epistemic, "aleatoric": aleatoric}
-    test = {k: None if v is None else to_flat_1d(k, v) for k, v in columns.items()}
-    _check_length(len(x_test), **test)
-    order = np.argsort(x_test, kind="stable")
-    x = x_test[order]
-    test = {k: None if v is None else v[order] for k, v in test.items()}
-    mean, total = test["pred"], test["pred_uct"]
+    train = training_points(X_train, Y_train)
+    columns = {"Y_test": Y_test, "pred": pred, "pred_uct": pred_uct}
+    x, test = sorted_by_input(X_test, columns | {"epistemic": epistemic, "aleatoric": aleatoric})
     parts = [
         (name, test[name], color)
         for name, color in (("aleatoric", "tab:orange"), ("epistemic", "tab:green"))
@@ -108,35 +105,28 @@ def plot_predictions_regression(
         1, ncols, figsize=(7 * ncols, 4.5), squeeze=False, constrained_layout=True
     )
     ax = axes[0, 0]
-    ax.scatter(x_train, y_train, s=10, color="tab:gray", alpha=0.5, label="training data")
-    ax.plot(x, test["y_test"], color="black", lw=0.8, alpha=0.35, label="test targets")
-    ax.fill_between(
-        x, mean - 2 * total, mean + 2 * total, color="tab:blue", alpha=0.15, label="±2 std total"
-    )
-    if show_bands:
-        for name, std, color in parts:
-            ax.fill_between(
-                x, mean - 2 * std, mean + 2 * std, color=color, alpha=0.25, label=f"±2 std {name}"
-            )
-    ax.plot(x, mean, color="tab:blue", lw=2, label="predictive mean")
+    bands = parts if show_bands else []
+    draw_predictions(ax, train, x, test["Y_test"], test["pred"], test["pred_uct"], bands)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title("Predictions")
     ax.legend(loc="best", fontsize="small")
-
     if parts:
-        ax = axes[0, 1]
-        ax.plot(x, total, color="tab:blue", lw=2, label="total")
-        for name, std, color in parts:
-            ax.plot(x, std, color=color, lw=1.5, ls="--", label=name)
-        ax.set_xlabel("x")
-        ax.set_ylabel("predictive std")
-        ax.set_title("Uncertainty")
-        ax.legend(loc="best", fontsize="small")
-
+        _draw_stds(axes[0, 1], x, test["pred_uct"], parts)
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+def _draw_stds(ax: Axes, x: np.ndarray, total: np.ndarray, parts: list) -> None:
+    """The total std and each ``(name, std, colour)`` part against the inputs."""
+    ax.plot(x, total, color="tab:blue", lw=2, label="total")
+    for name, std, color in parts:
+        ax.plot(x, std, color=color, lw=1.5, ls="--", label=name)
+    ax.set_xlabel("x")
+    ax.set_ylabel("predictive std")
+    ax.set_title("Uncertainty")
+    ax.legend(loc="best", fontsize="small")
 
 
 def plot_calibration(pred: Array, pred_uct: Array, y: Array, x: Array | None = None) -> Figure:
@@ -155,7 +145,7 @@ def plot_calibration(pred: Array, pred_uct: Array, y: Array, x: Array | None = N
     mean = to_flat_1d("pred", pred).astype(np.float64)
     std = to_flat_1d("pred_uct", pred_uct).astype(np.float64)
     target = to_flat_1d("y", y).astype(np.float64)
-    _check_length(len(mean), pred_uct=std, y=target)
+    check_length(len(mean), pred_uct=std, y=target)
     if not np.all(std > 0):
         raise ValueError("`pred_uct` must be strictly positive everywhere")
     area = uct.miscalibration_area(mean, std, target)

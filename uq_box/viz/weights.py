@@ -12,6 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from uq_box.checks import non_negative_int
 from uq_box.nn.layers import _BayesianLayer
 from uq_box.nn.pruning import snr as weight_snr
 
@@ -98,6 +99,37 @@ def plot_weight_histograms(
         TypeError: ``models`` is not a mapping of names to ``nn.Module``.
         ValueError: ``models`` is empty, or ``snr=True`` and no model has a Bayesian layer.
     """
+    _check_models(models)
+    num_samples = non_negative_int(num_samples, "num_samples")
+    weights = {
+        name: model_weights(model, num_samples, include_bias, generator).numpy()
+        for name, model in models.items()
+    }
+    snrs = _snr_decibels(models, include_bias) if snr else {}
+    if value_range is None:
+        everything = np.concatenate(list(weights.values()))
+        low, high = np.quantile(everything, [0.001, 0.999])
+        value_range = (float(low), float(high)) if high > low else (float(low) - 1, float(low) + 1)
+
+    fig, axes = plt.subplots(
+        1, 2 if snr else 1, figsize=(12 if snr else 7, 4.5), constrained_layout=True, squeeze=False
+    )
+    kind = f"{num_samples} posterior samples per weight" if num_samples else "posterior means"
+    _draw_histograms(
+        axes[0, 0], weights, "weight", f"Weights (Bayesian layers: {kind})", log_density,
+        bins=bins, range=value_range,
+    )  # fmt: skip
+    if snr:
+        finite = {name: values[values > -300] for name, values in snrs.items()}
+        _draw_histograms(
+            axes[0, 1], finite, "signal-to-noise ratio |mu| / sigma (dB)",
+            "Signal-to-noise ratio of the Bayesian weights", log_density, bins=bins,
+        )  # fmt: skip
+    return fig
+
+
+def _check_models(models: object) -> None:
+    """Raise unless ``models`` is a non-empty mapping of names to ``nn.Module``."""
     if not isinstance(models, Mapping):
         raise TypeError(
             f"`models` must be a dict of name -> nn.Module, got {type(models).__name__}"
@@ -107,53 +139,31 @@ def plot_weight_histograms(
     for name, model in models.items():
         if not isinstance(model, nn.Module):
             raise TypeError(f"`models[{name!r}]` must be an nn.Module, got {type(model).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"`num_samples` must be a non-negative integer, got {num_samples!r}")
-    weights = {
-        name: model_weights(model, num_samples, include_bias, generator).numpy()
-        for name, model in models.items()
-    }
-    snrs = {}
-    if snr:
-        for name, model in models.items():
-            if any(isinstance(m, _BayesianLayer) for m in model.modules()):
-                ratio = torch.cat(
-                    [v.flatten().cpu() for v in weight_snr(model, include_bias).values()]
-                )
-                snrs[name] = (10.0 * torch.log10(ratio.clamp_min(1e-30))).numpy()
-        if not snrs:
-            raise ValueError(
-                f"`snr=True` needs a model with Bayesian layers; none of {list(models)} has one"
-            )
-    if value_range is None:
-        everything = np.concatenate(list(weights.values()))
-        low, high = np.quantile(everything, [0.001, 0.999])
-        value_range = (float(low), float(high)) if high > low else (float(low) - 1, float(low) + 1)
 
-    fig, axes = plt.subplots(
-        1, 2 if snr else 1, figsize=(12 if snr else 7, 4.5), constrained_layout=True, squeeze=False
-    )
-    ax = axes[0, 0]
-    for name, values in weights.items():
-        ax.hist(
-            values, bins=bins, range=value_range, density=True, histtype="step", lw=1.5, label=name
+
+def _snr_decibels(models: Mapping[str, nn.Module], include_bias: bool) -> dict[str, np.ndarray]:
+    """``10 log10(|mu| / sigma)`` of every Bayesian weight, per model that has Bayesian layers."""
+    snrs = {}
+    for name, model in models.items():
+        if any(isinstance(m, _BayesianLayer) for m in model.modules()):
+            ratio = torch.cat([v.flatten().cpu() for v in weight_snr(model, include_bias).values()])
+            snrs[name] = (10.0 * torch.log10(ratio.clamp_min(1e-30))).numpy()
+    if not snrs:
+        raise ValueError(
+            f"`snr=True` needs a model with Bayesian layers; none of {list(models)} has one"
         )
-    kind = f"{num_samples} posterior samples per weight" if num_samples else "posterior means"
-    ax.set_xlabel("weight")
+    return snrs
+
+
+def _draw_histograms(
+    ax, values: dict[str, np.ndarray], xlabel: str, title: str, log_density: bool, **hist
+) -> None:
+    """One step histogram (a density) per model on ``ax``, with a legend."""
+    for name, array in values.items():
+        ax.hist(array, density=True, histtype="step", lw=1.5, label=name, **hist)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    ax.set_title(f"Weights (Bayesian layers: {kind})")
+    ax.set_title(title)
     if log_density:
         ax.set_yscale("log")
     ax.legend()
-    if snr:
-        ax_snr = axes[0, 1]
-        for name, values in snrs.items():
-            finite = values[values > -300]
-            ax_snr.hist(finite, bins=bins, density=True, histtype="step", lw=1.5, label=name)
-        ax_snr.set_xlabel("signal-to-noise ratio |mu| / sigma (dB)")
-        ax_snr.set_ylabel("density")
-        ax_snr.set_title("Signal-to-noise ratio of the Bayesian weights")
-        if log_density:
-            ax_snr.set_yscale("log")
-        ax_snr.legend()
-    return fig
