@@ -53,3 +53,48 @@ def fit_config(config: str, tmp_path: Path, monkeypatch, *overrides: str) -> tup
     metrics = json.loads(path.read_text())
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     return fitted["model"], metrics
+
+
+# -- vectorized == loop, for the deep ensemble and the parameter-sampling methods -------------------
+def _state_of(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def loop_outputs(method, x, theta=None):
+    """The reference: one plain forward per member or per fixed parameter sample, eval mode."""
+    import copy
+
+    import torch
+    from torch.func import functional_call
+
+    with torch.no_grad():
+        if theta is None:  # the ensemble
+            ensemble = method.model
+            return torch.stack([ensemble.member(i).eval()(x) for i in range(ensemble.num_members)])
+        model = copy.deepcopy(method.model).eval()
+        return torch.stack([functional_call(model, method.unflatten(t), (x,)) for t in theta])
+
+
+def check_vectorized_equals_loop(method, x, atol):
+    """``predict_step`` (vmap) against the loop, the parameter samples fixed; returns it."""
+    import torch
+
+    from uq_box.methods.deep_ensemble import DeepEnsemble
+
+    theta = None
+    if not isinstance(method, DeepEnsemble):
+        theta = method.sample_parameters(method.num_mc_samples_test)
+        # fixed: predict_step gets these samples, and the loop runs them one by one
+        method.sample_parameters = lambda num_samples=None: theta
+    before = _state_of(method)
+    preds = method.predict_step(x)
+    loop = loop_outputs(method, x, theta)
+    expected = method.predictive(loop)
+    assert set(preds) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(preds[key], expected[key], rtol=1e-6, atol=atol, msg=key)
+    after = _state_of(method)  # prediction changes no parameter and no buffer
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    return preds

@@ -12,7 +12,6 @@
 - Laplace (last layer) on the zoo and on torchvision's models (Laplace environment).
 """
 
-import copy
 import warnings
 from functools import partial
 
@@ -26,7 +25,7 @@ from backbones import (
     TORCHVISION_PLACEMENTS,
     torchvision_backbones,
 )
-from helpers import quiet_trainer
+from helpers import check_vectorized_equals_loop, loop_outputs, quiet_trainer
 from torch import nn
 from torch.func import functional_call
 
@@ -138,69 +137,6 @@ def _sgmcmc(network, regression, names=None):
 METHODS = {"ensemble": _ensemble, "swag": _swag, "sgmcmc": _sgmcmc}
 
 
-def _loop_outputs(method, x, theta=None):
-    """The reference: one plain forward per member or per fixed parameter sample, eval mode."""
-    with torch.no_grad():
-        if theta is None:  # the ensemble
-            ensemble = method.model
-            return torch.stack([ensemble.member(i).eval()(x) for i in range(ensemble.num_members)])
-        model = copy.deepcopy(method.model).eval()
-        return torch.stack([functional_call(model, method.unflatten(t), (x,)) for t in theta])
-
-
-def _check_vectorized_equals_loop(method, x, atol):
-    """``predict_step`` (vmap) against the loop, the parameter samples fixed."""
-    theta = None
-    if not isinstance(method, DeepEnsembleRegression | DeepEnsembleClassification):
-        theta = method.sample_parameters(method.num_mc_samples_test)
-        # fixed: predict_step gets these samples, and the loop runs them one by one
-        method.sample_parameters = lambda num_samples=None: theta
-    before = _state(method)
-    preds = method.predict_step(x)
-    loop = _loop_outputs(method, x, theta)
-    expected = method.predictive(loop)
-    assert set(preds) == set(expected)
-    for key in expected:
-        torch.testing.assert_close(preds[key], expected[key], rtol=1e-6, atol=atol, msg=key)
-    after = _state(method)  # prediction changes no parameter and no buffer
-    assert before.keys() == after.keys()
-    for key in before:
-        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
-    return preds
-
-
-# both tasks on every backbone: regression (2 outputs, NLL) in float64, classification in float32
-FIT_CASES = [
-    (method, backbone, regression)
-    for method in METHODS
-    for backbone in BACKBONES
-    for regression in (True, False)
-]
-
-
-@pytest.mark.parametrize(("method", "backbone", "regression"), FIT_CASES)
-def test_fits_and_predicts_the_contract(method, backbone, regression):
-    entry = BACKBONES[backbone]
-    torch.manual_seed(0)
-    network = entry.build(2 if regression else N_CLASSES)
-    dtype = torch.float64 if regression else torch.float32
-    if method == "ensemble":
-        model = _ensemble(network, regression)
-    else:  # sampled inside a block, where the graph is not a chain
-        model = METHODS[method](network, regression, names=entry.placements["inner"])
-    model = model.to(dtype)
-    x, dm = _data(entry, regression)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # vectorized: no fallback, no slow kernel
-        warnings.filterwarnings("ignore", message=LIGHTNING_NOTES)
-        quiet_trainer(max_epochs=2, accelerator="cpu").fit(model, dm)
-        x = _inputs(entry, N_PREDICT, dtype)
-        preds = _check_vectorized_equals_loop(model, x, atol=1e-5 if regression else 1e-4)
-    num_samples = {"ensemble": 3, "swag": 4, "sgmcmc": 4}[method]
-    _check_contract(preds, regression, num_samples)
-    assert preds["pred"].dtype == dtype
-
-
 # -- 2. every placement, eval and training mode, no Trainer ---------------------------------------
 def _with_samples(method, steps=3, scale=0.05, seed=1):
     """Snapshots (SWAG) or kept samples (SG-MCMC) of randomly moved parameters."""
@@ -237,7 +173,7 @@ def test_sampled_vectorized_equals_loop(backbone, placement, method):
     model = METHODS[method](network, False, names=entry.placements[placement])
     _with_samples(model)
     x = _inputs(entry, N_PREDICT)
-    preds = _check_vectorized_equals_loop(model, x, atol=1e-10)
+    preds = check_vectorized_equals_loop(model, x, atol=1e-10)
     assert (preds["logits"][0] - preds["logits"][1]).abs().max() > 1e-6
     # training mode: each sample normalizes with the batch statistics, on its own copy of the
     # buffers; the model's buffers stay as they were
@@ -264,7 +200,7 @@ def test_ensemble_vectorized_equals_members_in_both_modes(backbone):
     method = DeepEnsembleClassification(entry.build(N_CLASSES), num_members=3).double()
     _moved_statistics(method.model, entry)
     x = _inputs(entry, N_PREDICT)
-    _check_vectorized_equals_loop(method, x, atol=1e-10)
+    check_vectorized_equals_loop(method, x, atol=1e-10)
     # training mode: batch statistics, and each member updates its own running statistics
     ensemble = method.model.train()
     members = [ensemble.member(i) for i in range(3)]
@@ -351,7 +287,7 @@ def test_unvectorizable_sampled_forward_falls_back_to_the_loop_once(network, cls
     model.sample_parameters = lambda num_samples=None: theta
     with pytest.warns(UserWarning, match="3 samples cannot run as one torch.func.vmap"):
         preds = model.predict_step(x)
-    torch.testing.assert_close(preds, model.predictive(_loop_outputs(model, x, theta)))
+    torch.testing.assert_close(preds, model.predictive(loop_outputs(model, x, theta)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.predict_step(x)
@@ -403,14 +339,6 @@ def _laplace_fit(entry, regression, last, epochs=2, n=N_POINTS):
         _check_contract(preds, False, 4)
 
 
-@pytest.mark.laplace
-@pytest.mark.parametrize("regression", [True, False], ids=["regression", "classification"])
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_last_layer_laplace_on_backbone(backbone, regression):
-    entry = BACKBONES[backbone]
-    _laplace_fit(entry, regression, entry.placements["last"][0])
-
-
 TORCHVISION = sorted(TORCHVISION_PLACEMENTS)
 
 
@@ -445,11 +373,11 @@ def test_sampled_vectorized_equals_loop_on_torchvision(backbone, placement):
     x = _inputs(entry, 2)
     if placement == "shortcut":  # torchvision's `out += identity`: in place, loops
         with pytest.warns(UserWarning, match="samples cannot run as one torch.func.vmap"):
-            preds = _check_vectorized_equals_loop(model, x, atol=1e-8)
+            preds = check_vectorized_equals_loop(model, x, atol=1e-8)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            preds = _check_vectorized_equals_loop(model, x, atol=1e-8)
+            preds = check_vectorized_equals_loop(model, x, atol=1e-8)
     assert (preds["logits"][0] - preds["logits"][1]).abs().max() > 1e-8
 
 
@@ -472,4 +400,4 @@ def test_ensemble_on_torchvision(backbone):
         # train mode: BatchNorm on 4 rows through 121 layers amplifies float32 round-off of the
         # batched kernels (densenet121 differed by 1.6e-4 on this machine's CPU)
         torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-3, rtol=1e-3)
-        _check_vectorized_equals_loop(method, x, atol=1e-5)
+        check_vectorized_equals_loop(method, x, atol=1e-5)

@@ -1,37 +1,18 @@
-"""Small data and one small configuration of every method, shared by the reliability tests.
+"""Small data, backbones and state comparisons shared by the reliability tests.
 
-Each method is built from a fresh backbone by ``make(network)``; ``network()`` builds that
-backbone again (what ``load_from_checkpoint`` needs as ``model=``).
+The methods themselves, built small, are the entries of ``uq_box.methods.registry``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from uq_box.datamodules import ArrayDataModule
-from uq_box.methods import (
-    BNNVIClassification,
-    BNNVIRegression,
-    DeepEnsembleClassification,
-    DeepEnsembleRegression,
-    DeterministicClassification,
-    DeterministicRegression,
-    MCDropoutClassification,
-    MCDropoutRegression,
-    MVERegression,
-    QuantileRegression,
-    SGMCMCClassification,
-    SGMCMCRegression,
-    SWAGClassification,
-    SWAGRegression,
-)
 from uq_box.models import MLP
-from uq_box.optim import SGLD
 
 N_TRAIN, N_VAL, N_TEST = 64, 16, 16
 BATCH_SIZE = 16  # 4 training batches per epoch
@@ -62,103 +43,6 @@ def mlp(n_outputs: int, dropout_p: float = 0.0) -> Callable[[], nn.Module]:
     return partial(MLP, 2, [8], n_outputs, dropout_p=dropout_p)
 
 
-@dataclass
-class MethodCase:
-    """A method, how to build it, its backbone and its task."""
-
-    name: str
-    make: Callable[[nn.Module], object]
-    network: Callable[[], nn.Module]
-    task: str  # "regression" or "classification"
-
-
-METHODS = [
-    MethodCase("DeterministicRegression", DeterministicRegression, mlp(1), "regression"),
-    MethodCase("MVERegression", MVERegression, mlp(2), "regression"),
-    MethodCase("QuantileRegression", QuantileRegression, mlp(3), "regression"),
-    MethodCase(
-        "BNNVIRegression",
-        partial(
-            BNNVIRegression,
-            stochastic_module_names=[-1],
-            num_mc_samples_train=2,
-            num_mc_samples_test=4,
-        ),
-        mlp(2),
-        "regression",
-    ),
-    MethodCase(
-        "MCDropoutRegression",
-        partial(MCDropoutRegression, num_mc_samples_train=2, num_mc_samples_test=4),
-        mlp(2, 0.2),
-        "regression",
-    ),
-    MethodCase(
-        "DeepEnsembleRegression",
-        partial(DeepEnsembleRegression, num_members=3),
-        mlp(2),
-        "regression",
-    ),
-    MethodCase(
-        "SWAGRegression",
-        partial(SWAGRegression, max_num_samples=3, num_mc_samples_test=4, burnin_epochs=1),
-        mlp(2),
-        "regression",
-    ),
-    MethodCase(
-        "SGMCMCRegression",
-        partial(
-            SGMCMCRegression,
-            optimizer=partial(SGLD, lr=1e-3),
-            burnin_epochs=1,
-            thinning=3,
-            max_num_samples=4,
-        ),
-        mlp(2),
-        "regression",
-    ),
-    MethodCase(
-        "DeterministicClassification", DeterministicClassification, mlp(2), "classification"
-    ),
-    MethodCase(
-        "BNNVIClassification",
-        partial(BNNVIClassification, num_mc_samples_train=2, num_mc_samples_test=4, prior=0.5),
-        mlp(2),
-        "classification",
-    ),
-    MethodCase(
-        "MCDropoutClassification",
-        partial(MCDropoutClassification, num_mc_samples_test=4),
-        mlp(2, 0.2),
-        "classification",
-    ),
-    MethodCase(
-        "DeepEnsembleClassification",
-        partial(DeepEnsembleClassification, num_members=2),
-        mlp(2),
-        "classification",
-    ),
-    MethodCase(
-        "SWAGClassification",
-        partial(
-            SWAGClassification,
-            stochastic_module_names=[-1],
-            max_num_samples=3,
-            num_mc_samples_test=4,
-        ),
-        mlp(2),
-        "classification",
-    ),
-    MethodCase(
-        "SGMCMCClassification",
-        partial(SGMCMCClassification, thinning=2, max_num_samples=5, num_mc_samples_test=3),
-        mlp(2),
-        "classification",
-    ),
-]
-METHOD_IDS = [case.name for case in METHODS]
-
-
 def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the state dict (parameters and buffers)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -168,9 +52,3 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"entries differ: {different}"
-
-
-def assert_same_predictions(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"predictions differ in {different}"

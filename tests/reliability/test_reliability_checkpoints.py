@@ -1,55 +1,23 @@
-"""Checkpoints, resuming and reproducibility of every method (issue #6).
+"""Checkpoint and resume machinery beyond the conformance suite (issue #6).
 
-For each method, on small data (4 training batches per epoch, 3 epochs, ``deterministic=True``):
-
-- same seed, same numbers: a second run gives bit-identical parameters, buffers and test metrics;
-- resuming a fit from a checkpoint taken mid-epoch (``fit(ckpt_path=...)``, under another global
-  seed) ends with the parameters, buffers (ensemble members, SWAG moments, SG-MCMC samples) and test
-  metrics of the uninterrupted run, and logs the same epoch means: the data loader resumes its
-  epoch's permutation and skips the batches already drawn, and the random generators' states and
-  the epoch's running sums come back from the checkpoint;
-- ``load_from_checkpoint(path, model=<fresh backbone>, weights_only=True)`` restores everything a
-  prediction needs: the same seed gives the same predictions (nothing pickled blocks
-  ``weights_only``);
-- the post-hoc wrappers (conformal regression, temperature scaling) round-trip as well;
-- Laplace (the `laplace` extra) resumes mid-epoch to the uninterrupted fit, Laplace approximation
-  included.
-
-The killed-process variant (SIGKILL mid-epoch, resume in a new process) is in
-``test_reliability_resume_kill.py``.
+Every registry entry's same-seed reproducibility, mid-epoch resume and ``load_from_checkpoint``
+round trip (post-hoc wrappers and Laplace included) are in ``tests/conformance``. Here: resuming
+from an epoch-end checkpoint, Lightning hooks the base owns, a method's extra checkpoint state, an
+ensemble given as a list, and the loader's own resume state. The killed-process variant (SIGKILL
+mid-epoch, resume in a new process) is in ``test_reliability_resume_kill.py``.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import pytest
 import torch
 from lightning import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from reliability_cases import (
-    METHOD_IDS,
-    METHODS,
-    MethodCase,
-    assert_same_predictions,
-    assert_same_state,
-    datamodule,
-    mlp,
-    state_of,
-    toy_arrays,
-)
+from reliability_cases import assert_same_state, datamodule, mlp, state_of
 
-from uq_box.methods import (
-    ConformalRegression,
-    DeepEnsembleRegression,
-    DeterministicClassification,
-    MVERegression,
-    QuantileRegression,
-    SWAGRegression,
-    TemperatureScaling,
-)
+from uq_box.methods import DeepEnsembleRegression, DeterministicClassification, SWAGRegression
 from uq_box.methods.base import METHOD_STATE_KEY, OWNED_HOOKS, RESUME_STATE_KEY
-from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression, _plain_state
+from uq_box.methods.registry import entry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 
@@ -78,10 +46,12 @@ def trainer(**extra) -> Trainer:
 
 
 def fit_and_test(case, seed=0, ckpt_path=None, callbacks=()):
-    """Fit the method (optionally resuming) and test it; returns (method, test metrics, trainer)."""
+    """Fit ``case = (registry entry, overrides)`` (optionally resuming) and test it; returns
+    (method, test metrics, trainer)."""
     seed_everything(seed)
-    method = case.make(case.network())
-    dm = datamodule(case.task)
+    item, overrides = case
+    method = item.build(mlp(item.width(2))(), **overrides)
+    dm = datamodule(item.task)
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     fit_trainer = trainer(callbacks=list(callbacks), enable_checkpointing=checkpointing)
     fit_trainer.fit(method, dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
@@ -89,53 +59,13 @@ def fit_and_test(case, seed=0, ckpt_path=None, callbacks=()):
     return method, metrics, fit_trainer
 
 
-@pytest.mark.parametrize("case", METHODS, ids=METHOD_IDS)
-def test_reproducible_resumable_and_reloadable(case, tmp_path):
-    steps = ModelCheckpoint(
-        dirpath=tmp_path, filename="{step}", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1
-    )
-    method, metrics, fit_trainer = fit_and_test(case, callbacks=[steps])
-    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
-    state = state_of(method)
-
-    # 1. same seed, same numbers
-    again, metrics_again, _ = fit_and_test(case)
-    assert_same_state(state, state_of(again))
-    assert metrics_again == metrics
-
-    # 2. resume mid-epoch (steps 6 and 10: batch 2 of 4 in epochs 1 and 2) under another seed;
-    #    the logged epoch means (and a mean-only network's noise estimate) cover whole epochs
-    logged = {k: float(v) for k, v in fit_trainer.callback_metrics.items()}
-    for step in (6, 10):
-        resumed, metrics_resumed, resumed_trainer = fit_and_test(
-            case, seed=1, ckpt_path=tmp_path / f"step={step}.ckpt"
-        )
-        assert_same_state(state, state_of(resumed))
-        assert metrics_resumed == metrics
-        assert {k: float(v) for k, v in resumed_trainer.callback_metrics.items()} == logged
-
-    # 3. load_from_checkpoint with weights_only=True: same predictions under the same seed
-    final = tmp_path / "final.ckpt"
-    fit_trainer.save_checkpoint(final)
-    loaded = type(method).load_from_checkpoint(final, model=case.network(), weights_only=True)
-    assert_same_state(state, state_of(loaded))
-    x_test = toy_arrays()[0][-8:]
-    torch.manual_seed(3)
-    expected = method.predict_step(x_test)
-    torch.manual_seed(3)
-    assert_same_predictions(expected, loaded.predict_step(x_test))
+EPOCH_END_CASES = {
+    "SWAG": (entry("SWAGRegression"), {"burnin_epochs": 0}),  # a snapshot every epoch
+    "BNNVI": (entry("BNNVIRegression"), {}),
+}
 
 
-SWAG_EVERY_EPOCH = MethodCase(
-    "SWAGRegression",
-    partial(SWAGRegression, max_num_samples=3, num_mc_samples_test=4),  # a snapshot every epoch
-    mlp(2),
-    "regression",
-)
-BNNVI = next(case for case in METHODS if case.name == "BNNVIRegression")
-
-
-@pytest.mark.parametrize("case", [SWAG_EVERY_EPOCH, BNNVI], ids=["SWAG", "BNNVI"])
+@pytest.mark.parametrize("case", list(EPOCH_END_CASES.values()), ids=list(EPOCH_END_CASES))
 def test_resume_from_an_epoch_end_checkpoint(case, tmp_path):
     """An epoch-end checkpoint (saved after validation and the epoch-end hooks, e.g. SWAG's
     snapshot) resumes to the uninterrupted run: Lightning calls the loader's ``set_epoch``."""
@@ -144,68 +74,6 @@ def test_resume_from_an_epoch_end_checkpoint(case, tmp_path):
     resumed, metrics_resumed, _ = fit_and_test(case, seed=1, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert_same_state(state_of(method), state_of(resumed))
     assert metrics_resumed == metrics
-
-
-LAPLACE = [
-    MethodCase(
-        "LaplaceRegression", partial(LaplaceRegression, num_mc_samples_test=4), mlp(1), "regression"
-    ),
-    MethodCase(
-        "LaplaceClassification",
-        partial(LaplaceClassification, num_mc_samples_test=4),
-        mlp(2),
-        "classification",
-    ),
-]
-
-
-def assert_same_laplace(a, b) -> None:
-    """Two fitted laplace-torch approximations hold the same state, tensor for tensor."""
-
-    def flat(value, prefix=""):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                yield from flat(item, f"{prefix}{key}.")
-        elif isinstance(value, tuple | list):
-            for i, item in enumerate(value):
-                yield from flat(item, f"{prefix}{i}.")
-        else:
-            yield prefix, value
-
-    left, right = dict(flat(_plain_state(a.state_dict()))), dict(flat(_plain_state(b.state_dict())))
-    assert left.keys() == right.keys()
-    different = [
-        k
-        for k in left
-        if not (
-            torch.equal(left[k], right[k])
-            if isinstance(left[k], torch.Tensor)
-            else left[k] == right[k]
-        )
-    ]
-    assert not different, f"Laplace states differ: {different}"
-
-
-@pytest.mark.laplace
-@pytest.mark.parametrize("case", LAPLACE, ids=[case.name for case in LAPLACE])
-def test_laplace_resumes_to_the_uninterrupted_fit(case, tmp_path):
-    """A Laplace fit resumed mid-epoch (``ckpt_path``, another seed) ends as the uninterrupted
-    one: the weights, the noise estimate, the logged epoch means, the Laplace approximation fitted
-    when training ends, and the (sampled) test predictions, bit for bit."""
-    steps = ModelCheckpoint(
-        dirpath=tmp_path, filename="{step}", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1
-    )
-    method, metrics, fit_trainer = fit_and_test(case, callbacks=[steps])
-    assert method.la is not None
-    logged = {k: float(v) for k, v in fit_trainer.callback_metrics.items()}
-    for step in (6, 10):
-        resumed, metrics_resumed, resumed_trainer = fit_and_test(
-            case, seed=1, ckpt_path=tmp_path / f"step={step}.ckpt"
-        )
-        assert_same_state(state_of(method), state_of(resumed))
-        assert_same_laplace(method.la, resumed.la)
-        assert metrics_resumed == metrics
-        assert {k: float(v) for k, v in resumed_trainer.callback_metrics.items()} == logged
 
 
 @pytest.mark.parametrize("hook", sorted(OWNED_HOOKS))
@@ -253,47 +121,6 @@ def test_ensemble_given_as_a_list_reloads_from_one_fresh_network(tmp_path):
     )
     assert loaded.num_members == 3
     assert_same_state(state_of(method), state_of(loaded))
-
-
-@pytest.mark.parametrize("base", ["mve", "quantile"])
-def test_conformal_wrapper_round_trip(base, tmp_path):
-    seed_everything(0)
-    make, network = {
-        "mve": (MVERegression, mlp(2)),
-        "quantile": (QuantileRegression, mlp(3)),
-    }[base]
-    dm = datamodule("regression")
-    fitted = make(network())
-    trainer(max_epochs=2).fit(fitted, dm)
-    conformal = ConformalRegression(fitted, alpha=0.2)
-    calibration_trainer = trainer()
-    calibration_trainer.validate(conformal, dataloaders=dm.calib_dataloader(), verbose=False)
-    calibration_trainer.save_checkpoint(tmp_path / "conformal.ckpt")
-    loaded = ConformalRegression.load_from_checkpoint(
-        tmp_path / "conformal.ckpt", model=make(network()), weights_only=True
-    )
-    assert loaded.is_calibrated and loaded.score == conformal.score
-    assert_same_state(state_of(conformal), state_of(loaded))
-    assert_same_predictions(conformal.predict_step(dm.X_test), loaded.predict_step(dm.X_test))
-
-
-def test_temperature_scaling_round_trip(tmp_path):
-    seed_everything(0)
-    dm = datamodule("classification")
-    fitted = DeterministicClassification(mlp(2)())
-    trainer(max_epochs=2).fit(fitted, dm)
-    scaled = TemperatureScaling(fitted)
-    calibration_trainer = trainer()
-    calibration_trainer.validate(scaled, datamodule=dm, verbose=False)
-    calibration_trainer.save_checkpoint(tmp_path / "temperature.ckpt")
-    loaded = TemperatureScaling.load_from_checkpoint(
-        tmp_path / "temperature.ckpt",
-        model=DeterministicClassification(mlp(2)()),
-        weights_only=True,
-    )
-    assert loaded.is_calibrated
-    assert loaded.temperature == scaled.temperature
-    assert_same_predictions(scaled.predict_step(dm.X_test), loaded.predict_step(dm.X_test))
 
 
 def test_loader_resumes_its_epoch_and_position():

@@ -21,39 +21,23 @@ What makes this hold, and what the user still has to do:
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 from lightning import Trainer, seed_everything
 
 from uq_box.datamodules import ArrayDataModule
-from uq_box.methods import (
-    BNNVIRegression,
-    DeepEnsembleRegression,
-    DeterministicRegression,
-    MCDropoutRegression,
-    MVERegression,
-    QuantileRegression,
-    SGMCMCRegression,
-    SWAGRegression,
-)
+from uq_box.methods.registry import METHODS, entry
 from uq_box.models import MLP
 
 N_TRAIN, N_VAL, N_TEST = 128, 16, 32
-METHODS = {
-    "deterministic": (DeterministicRegression, 1, {}),
-    "mve": (MVERegression, 2, {}),
-    "quantile": (QuantileRegression, 3, {}),
-    "bnn_vi": (
-        partial(BNNVIRegression, num_mc_samples_train=2, num_mc_samples_test=4),
-        2,
-        {},
-    ),
-    "mc_dropout": (partial(MCDropoutRegression, num_mc_samples_test=4), 2, {"dropout_p": 0.1}),
-    "deep_ensemble": (partial(DeepEnsembleRegression, num_members=2), 2, {}),
-    "swag": (partial(SWAGRegression, num_mc_samples_test=4), 2, {}),
-    "sgmcmc": (partial(SGMCMCRegression, burnin_epochs=1, max_num_samples=4), 2, {}),
+#: every regression method of the registry that trains (Laplace's in its environment)
+REGRESSION = [e for e in METHODS if e.task == "regression" and e.trains and not e.stacked]
+#: known divergences: the fixed step of plain SGLD scales with the gradient (module docstring);
+#: SGHMC (lr 1e-3, its scales adapted over only 4 steps) gives a NaN loss at epoch 0, step 4
+DIVERGES = {
+    ("SGLDRegression", "targets_1e6"): "plain SGLD's fixed step diverges on targets ~1e6",
+    ("SGLDRegression", "targets_1e6_and_outliers"): "plain SGLD's fixed step diverges on 1e6",
+    ("SGHMCRegression", "targets_1e6_and_outliers"): "SGHMC gives a NaN loss at epoch 0, step 4",
 }
 
 
@@ -103,9 +87,9 @@ def trainer(**extra):
 
 def fit(method_name, x, y, network_dtype=torch.float32):
     seed_everything(0)
-    make, n_outputs, mlp_kwargs = METHODS[method_name]
-    network = MLP(3, [16], n_outputs, **mlp_kwargs).to(network_dtype)
-    method = make(network)
+    item = entry(method_name)
+    dropout_p = 0.1 if item.dropout else 0.0
+    method = item.build(MLP(3, [16], item.width(1), dropout_p=dropout_p).to(network_dtype))
     dm = datamodule(x, y)
     trainer(max_epochs=4).fit(method, dm)
     metrics = trainer().test(method, dm, verbose=False)[0]
@@ -121,8 +105,22 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("data", VARIANTS)
-@pytest.mark.parametrize("method_name", list(METHODS))
+def cases() -> list:
+    return [
+        pytest.param(
+            item.name,
+            data,
+            id=f"{item.name}-{data}",
+            marks=[pytest.mark.laplace] * item.laplace
+            + [pytest.mark.xfail(strict=True, reason=DIVERGES.get((item.name, data)))]
+            * ((item.name, data) in DIVERGES),
+        )
+        for item in REGRESSION
+        for data in VARIANTS
+    ]
+
+
+@pytest.mark.parametrize(("method_name", "data"), cases())
 def test_trains_without_nan(method_name, data):
     x, y = variant(data)
     method, metrics, dm = fit(method_name, x, y)
@@ -144,7 +142,7 @@ def test_trains_without_nan(method_name, data):
 
 def test_float64_network_trains_on_float32_data():
     x, y, _ = base_data()
-    method, metrics, dm = fit("bnn_vi", x, y, network_dtype=torch.float64)
+    method, metrics, dm = fit("BNNVIRegression", x, y, network_dtype=torch.float64)
     assert method.predict_step(dm.X_test)["pred"].dtype == torch.float64
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
     assert metrics["test_rmse"] < 1.0
