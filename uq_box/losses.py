@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from uq_box.checks import non_negative_finite, positive_finite
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -65,14 +67,9 @@ class NLL(nn.Module):
         self, std: float | None = None, min_std: float = 1e-6, resolution: float = 0.0
     ) -> None:
         super().__init__()
-        if std is not None and not std > 0:
-            raise ValueError(f"`std` must be positive or None, got {std}")
-        if not min_std >= 0:
-            raise ValueError(f"`min_std` must be non-negative, got {min_std}")
-        if not 0 <= resolution < math.inf:
-            raise ValueError(f"`resolution` must be a non-negative number, got {resolution}")
-        self.std = std
-        self.min_std = min_std
+        self.std = None if std is None else positive_finite(std, "std")
+        self.min_std = non_negative_finite(min_std, "min_std")
+        resolution = non_negative_finite(resolution, "resolution")
         self.quantized = resolution > 0
         # a buffer, so that stacked runs (one split each) keep their own grid step
         self.register_buffer("resolution", torch.tensor(float(resolution)), persistent=False)
@@ -187,10 +184,8 @@ class PinballLoss(nn.Module):
             )
         if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
             raise ValueError(f"`quantiles` must be strictly increasing, got {quantiles!r}")
-        if not min_std >= 0:
-            raise ValueError(f"`min_std` must be non-negative, got {min_std}")
         self.quantiles = levels
-        self.min_std = min_std
+        self.min_std = non_negative_finite(min_std, "min_std")
         self.register_buffer("levels", torch.tensor(levels), persistent=False)
 
     @property

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 -- the usual name
 from torch import Tensor
 
+from uq_box.checks import int_at_least, non_negative_finite, number_in
+from uq_box.datamodules._splits import split_counts
 from uq_box.datamodules.base import ArrayDataModule, InMemoryLoader
 
 __all__ = [
@@ -32,37 +34,6 @@ __all__ = [
     "make_spiral",
     "rotate_images",
 ]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_fraction(name: str, value: object, *, allow_zero: bool) -> float:
-    low = "[0, 1)" if allow_zero else "(0, 1)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a number in {low}, got {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0) or (value == 0.0 and not allow_zero):
-        raise ValueError(f"`{name}` must be in {low}, got {value}")
-    return value
-
-
-def _check_noise(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"`noise` must be a non-negative number, got {value!r}")
-    return float(value)
-
-
-def _split_counts(n_points: int, val_fraction: float) -> tuple[int, int]:
-    n_val = round(n_points * val_fraction)
-    if n_points - n_val < 1:
-        raise ValueError(
-            f"`val_fraction`={val_fraction} of `n_points`={n_points} leaves no training point"
-        )
-    return n_points - n_val, n_val
 
 
 class _Grid2DMixin:
@@ -80,8 +51,7 @@ class _Grid2DMixin:
         Returns:
             ``(x_min, x_max, y_min, y_max)``, the ``extent`` matplotlib's ``imshow`` takes.
         """
-        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not margin >= 0:
-            raise ValueError(f"`margin` must be a non-negative number, got {margin!r}")
+        margin = non_negative_finite(margin, "margin")
         points = torch.cat([x for x, _ in self._data.values()])
         low, high = points.min(0).values, points.max(0).values
         span = (high - low).clamp_min(1e-6)
@@ -102,7 +72,7 @@ class _Grid2DMixin:
         Returns:
             float32 tensor ``[resolution * resolution, 2]``.
         """
-        resolution = _check_int("resolution", resolution, 2)
+        resolution = int_at_least(resolution, "resolution", 2)
         x_min, x_max, y_min, y_max = self.grid_extent(margin)
         xs = torch.linspace(x_min, x_max, resolution)
         ys = torch.linspace(y_min, y_max, resolution)
@@ -140,12 +110,10 @@ class TwoMoonsDatamodule(_Grid2DMixin, ArrayDataModule):
     ) -> None:
         from sklearn.datasets import make_moons
 
-        n_points = _check_int("n_points", n_points, 2)
-        n_test = _check_int("n_test", n_test, 1)
-        noise = _check_noise(noise)
-        val_fraction = _check_fraction("val_fraction", val_fraction, allow_zero=True)
-        n_train, n_val = _split_counts(n_points, val_fraction)
-        rng = np.random.RandomState(_check_int("seed", seed, 0))
+        n_train, n_val = split_counts(n_points, val_fraction)
+        n_test = int_at_least(n_test, "n_test", 1)
+        noise = non_negative_finite(noise, "noise")
+        rng = np.random.RandomState(int_at_least(seed, "seed", 0))
         x, y = make_moons(n_samples=n_points, noise=noise, shuffle=True, random_state=rng)
         x_test, y_test = make_moons(n_samples=n_test, noise=noise, shuffle=True, random_state=rng)
         x, x_test = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(x_test).float()
@@ -183,9 +151,9 @@ def make_spiral(
     Returns:
         ``(inputs [n_points, 2] float32, labels [n_points] int64)``.
     """
-    n_points = _check_int("n_points", n_points, 1)
-    n_classes = _check_int("n_classes", n_classes, 2)
-    noise = _check_noise(noise)
+    n_points = int_at_least(n_points, "n_points", 1)
+    n_classes = int_at_least(n_classes, "n_classes", 2)
+    noise = non_negative_finite(noise, "noise")
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     xs, ys = [], []
     for j in range(n_classes):
@@ -228,12 +196,10 @@ class SpiralDatamodule(_Grid2DMixin, ArrayDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        n_points = _check_int("n_points", n_points, 2)
-        n_test = _check_int("n_test", n_test, 1)
-        n_classes = _check_int("n_classes", n_classes, 2)
-        val_fraction = _check_fraction("val_fraction", val_fraction, allow_zero=True)
-        n_train, n_val = _split_counts(n_points, val_fraction)
-        generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        n_train, n_val = split_counts(n_points, val_fraction)
+        n_test = int_at_least(n_test, "n_test", 1)
+        n_classes = int_at_least(n_classes, "n_classes", 2)
+        generator = torch.Generator().manual_seed(int_at_least(seed, "seed", 0))
         x, y = make_spiral(n_points, n_classes, noise, generator=generator)
         x_test, y_test = make_spiral(n_test, n_classes, noise, generator=generator)
         val = (x[n_train:], y[n_train:]) if n_val > 0 else (None, None)
@@ -309,14 +275,14 @@ class DigitsDatamodule(ArrayDataModule):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        val_fraction = _check_fraction("val_fraction", val_fraction, allow_zero=True)
-        test_fraction = _check_fraction("test_fraction", test_fraction, allow_zero=False)
+        val_fraction = number_in(val_fraction, "val_fraction", 0.0, 1.0, closed="low")
+        test_fraction = number_in(test_fraction, "test_fraction", 0.0, 1.0)
         if val_fraction + test_fraction >= 0.95:
             raise ValueError(
                 f"`val_fraction` + `test_fraction` must leave training data, got "
                 f"{val_fraction} + {test_fraction}"
             )
-        seed = _check_int("seed", seed, 0)
+        seed = int_at_least(seed, "seed", 0)
         digits = load_digits()
         images = (digits.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8]
         labels = digits.target.astype(np.int64)

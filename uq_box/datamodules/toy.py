@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from uq_box.checks import int_at_least, non_negative_finite, non_negative_int
+from uq_box.datamodules._splits import split_counts
 from uq_box.datamodules.base import ArrayDataModule
 
 
@@ -18,6 +21,20 @@ def toy_heteroscedastic_function(x: Tensor) -> Tensor:
 def toy_heteroscedastic_noise_std(x: Tensor) -> Tensor:
     """Ground-truth noise standard deviation, between 0.05 and 0.45 (0.06 at -4, 0.45 at pi/2)."""
     return 0.05 + 0.4 * (1.0 + torch.sin(0.5 * x + math.pi / 4)) / 2.0
+
+
+def _check_range(x_min: float, x_max: float) -> None:
+    if not x_min < x_max:
+        raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
+
+
+def _draw_heteroscedastic(
+    n: int, x_min: float, x_max: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` inputs uniform on ``[x_min, x_max]`` and their noisy heteroscedastic targets."""
+    x = x_min + (x_max - x_min) * torch.rand(n, 1, generator=generator)
+    noise = toy_heteroscedastic_noise_std(x) * torch.randn(n, 1, generator=generator)
+    return x, toy_heteroscedastic_function(x) + noise
 
 
 class ToyHeteroscedasticDatamodule(ArrayDataModule):
@@ -56,27 +73,12 @@ class ToyHeteroscedasticDatamodule(ArrayDataModule):
         seed: int = 0,
         n_calib: int = 0,
     ) -> None:
-        if n_points < 2:
-            raise ValueError(f"`n_points` must be at least 2, got {n_points}")
-        if not x_min < x_max:
-            raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
-        if isinstance(n_calib, bool) or not isinstance(n_calib, int) or n_calib < 0:
-            raise ValueError(f"`n_calib` must be a non-negative integer, got {n_calib!r}")
-        n_val = round(n_points * val_fraction)
-        if n_points - n_val < 1:
-            raise ValueError(
-                f"`val_fraction`={val_fraction} of `n_points`={n_points} leaves no training point"
-            )
+        _check_range(x_min, x_max)
+        n_train, n_val = split_counts(n_points, val_fraction)
+        n_calib = non_negative_int(n_calib, "n_calib")
         generator = torch.Generator().manual_seed(seed)
-
-        def draw(n: int) -> tuple[Tensor, Tensor]:
-            x = x_min + (x_max - x_min) * torch.rand(n, 1, generator=generator)
-            noise = toy_heteroscedastic_noise_std(x) * torch.randn(n, 1, generator=generator)
-            return x, toy_heteroscedastic_function(x) + noise
-
-        x_train, y_train = draw(n_points - n_val)
+        draw = partial(_draw_heteroscedastic, x_min=x_min, x_max=x_max, generator=generator)
+        x_train, y_train = draw(n_train)
         x_val, y_val = draw(n_val) if n_val > 0 else (None, None)
         x_test, y_test = draw(n_test)
         x_calib, y_calib = draw(n_calib) if n_calib > 0 else (None, None)
@@ -111,6 +113,19 @@ def toy_gap_observations(x: Tensor, noise_std: float, generator: torch.Generator
     eps = noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
     shifted = x + eps
     return x + 0.3 * torch.sin(2 * math.pi * shifted) + 0.3 * torch.sin(4 * math.pi * shifted) + eps
+
+
+def _check_intervals(
+    left: tuple[float, float], right: tuple[float, float]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``left`` and ``right`` as float pairs, or raise unless they are ordered with a gap."""
+    left, right = (float(left[0]), float(left[1])), (float(right[0]), float(right[1]))
+    if not left[0] < left[1] < right[0] < right[1]:
+        raise ValueError(
+            f"`left` and `right` must be intervals (low, high) with a gap between them, left "
+            f"below right; got {left} and {right}"
+        )
+    return left, right
 
 
 class ToyGapDatamodule(ArrayDataModule):
@@ -159,31 +174,13 @@ class ToyGapDatamodule(ArrayDataModule):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        for name, value, minimum in (
-            ("n_points", n_points, 2),
-            ("n_test", n_test, 1),
-            ("n_gt", n_gt, 2),
-            ("n_gap", n_gap, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-        left, right = (float(left[0]), float(left[1])), (float(right[0]), float(right[1]))
-        if not left[0] < left[1] < right[0] < right[1]:
-            raise ValueError(
-                f"`left` and `right` must be intervals (low, high) with a gap between them, left "
-                f"below right; got {left} and {right}"
-            )
-        if not x_min < x_max:
-            raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
-        if not noise_std >= 0:
-            raise ValueError(f"`noise_std` must be non-negative, got {noise_std}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
-        n_val = round(n_points * val_fraction)
-        if n_points - n_val < 1:
-            raise ValueError(
-                f"`val_fraction`={val_fraction} of `n_points`={n_points} leaves no training point"
-            )
+        left, right = _check_intervals(left, right)
+        _check_range(x_min, x_max)
+        noise_std = non_negative_finite(noise_std, "noise_std")
+        n_test = int_at_least(n_test, "n_test", 1)
+        n_gt = int_at_least(n_gt, "n_gt", 2)
+        n_gap = int_at_least(n_gap, "n_gap", 1)
+        _, n_val = split_counts(n_points, val_fraction)
         generator = torch.Generator().manual_seed(seed)
         n_left = n_points // 2
         x = torch.cat(

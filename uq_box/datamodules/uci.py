@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from uq_box.checks import number_in
 from uq_box.datamodules.base import ArrayDataModule, target_resolution
 
 __all__ = [
@@ -185,8 +186,7 @@ def load_uci_split(
         or not 0 <= split < n_splits
     ):
         raise ValueError(f"`split` must be an integer in [0, {n_splits}) for {name}, got {split!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}")
+    number_in(val_fraction, "val_fraction", 0.0, 1.0, closed="low")
     data, features, target = _cached_data(folder)
     train_index = _read_ints(folder / f"index_train_{split}.txt")
     test_index = _read_ints(folder / f"index_test_{split}.txt")

@@ -64,7 +64,6 @@ without it raises an ``ImportError`` naming the extra.
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from collections.abc import Iterable
 from enum import Enum
@@ -75,7 +74,7 @@ from lightning import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
-from uq_box.checks import non_negative_int, positive_finite
+from uq_box.checks import int_at_least, non_negative_int, positive_finite
 from uq_box.losses import MSE
 from uq_box.methods.base import (
     ClassificationTask,
@@ -121,12 +120,6 @@ def _choice(value: Any, name: str, valid: tuple) -> Any:
     if value not in valid:
         raise ValueError(f"`{name}` must be one of {list(valid)}, got {value!r}")
     return value
-
-
-def _int_at_least(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _materialize(batches: Iterable) -> tuple[Tensor, Tensor]:
@@ -278,7 +271,7 @@ class Laplace(UQMethod):
         self.pred_type = _choice(pred_type, "pred_type", PRED_TYPES)
         self.link_approx = _choice(link_approx, "link_approx", LINK_APPROXIMATIONS)
         self.check_prediction_settings()
-        self.num_mc_samples_test = _int_at_least(num_mc_samples_test, "num_mc_samples_test", 2)
+        self.num_mc_samples_test = int_at_least(num_mc_samples_test, "num_mc_samples_test", 2)
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self.la: Any = None
         self._warned_unfitted = False

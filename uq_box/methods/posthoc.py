@@ -29,7 +29,6 @@ every method and Lightning's loops, which those libraries do not know.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Iterator
 from fractions import Fraction
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from uq_box.checks import number_in, positive_int
 from uq_box.datamodules.base import as_tensor
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod, unpack_batch
 from uq_box.methods.predictive_classification import classification_predictive
@@ -105,9 +105,7 @@ def tempered_nll(logits: Tensor, target: Tensor, temperature: Tensor | float) ->
 
 
 def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}")
-    return float(alpha)
+    return number_in(alpha, "alpha", 0.0, 1.0)
 
 
 def _batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -449,10 +447,8 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
                 f"`model` must be a fitted classification method (a ClassificationTask "
                 f"UQMethod such as DeterministicClassification), got {type(model).__name__}"
             )
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
         super().__init__(model)
-        self.max_iter = max_iter
+        self.max_iter = positive_int(max_iter, "max_iter")
         self.register_buffer("temperature", torch.tensor(math.nan))
         self.save_hyperparameters(ignore=["model"])
 

@@ -51,13 +51,17 @@ subset of the parameters are the method, and they are a few lines on flat buffer
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from uq_box.checks import non_negative_int, positive_int
+from uq_box.checks import (
+    non_negative_finite,
+    non_negative_int,
+    positive_finite,
+    positive_int,
+)
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
@@ -111,14 +115,8 @@ class SWAG(ParameterSampling):
         self.burnin_epochs = non_negative_int(burnin_epochs, "burnin_epochs")
         self.max_num_samples = positive_int(max_num_samples, "max_num_samples")
         self.num_mc_samples_test = positive_int(num_mc_samples_test, "num_mc_samples_test")
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale >= 0:
-            raise ValueError(f"`scale` must be a non-negative number, got {scale!r}")
-        if swa_lr is not None and (
-            isinstance(swa_lr, bool) or not isinstance(swa_lr, numbers.Real) or not swa_lr > 0
-        ):
-            raise ValueError(f"`swa_lr` must be a positive number or None, got {swa_lr!r}")
-        self.scale = float(scale)
-        self.swa_lr = None if swa_lr is None else float(swa_lr)
+        self.scale = non_negative_finite(scale, "scale")
+        self.swa_lr = None if swa_lr is None else positive_finite(swa_lr, "swa_lr")
 
         first = self.select_parameters(stochastic_module_names)
         num_params = self.num_sampled_parameters

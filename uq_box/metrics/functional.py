@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from uq_box.checks import int_at_least, number_in
+
 __all__ = [
     "calibration_curve",
     "gaussian_crps",
@@ -69,8 +71,7 @@ def _gaussian_crps_terms(mean: Tensor, std: Tensor, target: Tensor) -> Tensor:
 
 def _interval_hits(mean: Tensor, std: Tensor, target: Tensor, level: float) -> Tensor:
     """Boolean ``[N]``: whether each target lies in the central ``level`` Gaussian interval."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"`level` must be in (0, 1), got {level}")
+    number_in(level, "level", 0.0, 1.0)
     half_width = torch.special.ndtri(torch.tensor(0.5 + level / 2.0, dtype=torch.float64))
     z = ((mean - target) / std).to(torch.float64)
     return z.abs() <= half_width.to(z.device)
@@ -157,8 +158,7 @@ def calibration_curve(
 
 def _proportions(mean: Tensor, std: Tensor, target: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
     """Float64 expected and observed interval proportions of flat, checked inputs."""
-    if num_bins < 2:
-        raise ValueError(f"`num_bins` must be at least 2, got {num_bins}")
+    int_at_least(num_bins, "num_bins", 2)
     expected = torch.linspace(0.0, 1.0, num_bins, dtype=torch.float64, device=mean.device)
     lower = torch.special.ndtri(0.5 - expected / 2.0)
     upper = torch.special.ndtri(0.5 + expected / 2.0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from uq_box.checks import positive_int
+
 __all__ = [
     "brier_score",
     "expected_calibration_error",
@@ -68,8 +70,7 @@ def _brier_terms(probs: Tensor, target: Tensor) -> Tensor:
 
 
 def _check_num_bins(num_bins: int) -> None:
-    if not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive int, got {num_bins!r}")
+    positive_int(num_bins, "num_bins")
 
 
 def _calibration_bins(

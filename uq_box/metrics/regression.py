@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from uq_box.checks import int_at_least, number_in
 from uq_box.metrics import functional
 
 __all__ = ["CRPS", "GaussianNLL", "IntervalCoverage", "MiscalibrationArea"]
@@ -90,8 +91,7 @@ class IntervalCoverage(_MeanOverPoints):
     higher_is_better = None
 
     def __init__(self, level: float = 0.95, **kwargs) -> None:
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"`level` must be in (0, 1), got {level}")
+        level = number_in(level, "level", 0.0, 1.0)
         super().__init__(**kwargs)
         self.level = level
 
@@ -114,8 +114,7 @@ class MiscalibrationArea(Metric):
     full_state_update = False
 
     def __init__(self, num_bins: int = 100, **kwargs) -> None:
-        if num_bins < 2:
-            raise ValueError(f"`num_bins` must be at least 2, got {num_bins}")
+        num_bins = int_at_least(num_bins, "num_bins", 2)
         super().__init__(**kwargs)
         self.num_bins = num_bins
         self.add_state("mean", default=[], dist_reduce_fx="cat")

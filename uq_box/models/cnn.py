@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from uq_box.checks import number_in, positive_int
+
 
 class CNN(nn.Module):
     """``[Conv2d(3x3, same) -> ReLU -> Dropout -> MaxPool2d(2)]`` per entry of ``channels``,
@@ -43,21 +45,17 @@ class CNN(nn.Module):
             ("hidden", hidden),
             ("image_size", image_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        if not channels or any(
-            isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels
-        ):
-            raise ValueError(
-                f"`channels` must be a non-empty sequence of positive integers, got {channels!r}"
-            )
+            positive_int(value, name)
+        if not channels:
+            raise ValueError(f"`channels` must be a non-empty sequence, got {channels!r}")
+        for c in channels:
+            positive_int(c, "channels")
         if image_size // 2 ** len(channels) < 1:
             raise ValueError(
                 f"`image_size`={image_size} is too small for {len(channels)} pooling blocks "
                 f"(`channels`={channels}); each block halves the size"
             )
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+        number_in(dropout_p, "dropout_p", 0.0, 1.0, closed="low")
 
         layers: list[nn.Module] = []
         width, size = in_channels, image_size

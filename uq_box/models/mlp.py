@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from uq_box.checks import number_in, positive_int
+
 
 class MLP(nn.Module):
     """Multi-layer perceptron: ``Linear -> activation -> Dropout`` per hidden layer, then ``Linear``.
@@ -27,13 +29,11 @@ class MLP(nn.Module):
         dropout_p: float = 0.0,
     ) -> None:
         super().__init__()
-        if n_inputs < 1 or n_outputs < 1 or any(h < 1 for h in n_hidden):
-            raise ValueError(
-                f"`n_inputs`, `n_hidden` and `n_outputs` must be positive, got "
-                f"{n_inputs}, {list(n_hidden)} and {n_outputs}"
-            )
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"`dropout_p` must be in [0, 1), got {dropout_p}")
+        positive_int(n_inputs, "n_inputs")
+        positive_int(n_outputs, "n_outputs")
+        for width in n_hidden:
+            positive_int(width, "n_hidden")
+        number_in(dropout_p, "dropout_p", 0.0, 1.0, closed="low")
         activation_fn = nn.ReLU() if activation_fn is None else activation_fn
         layers: list[nn.Module] = []
         width = n_inputs

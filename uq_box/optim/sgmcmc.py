@@ -39,7 +39,6 @@ PyTorch package offers them with this (full-data) scaling convention stated and 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,32 +46,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from uq_box.checks import non_negative_int, number_in
+
 EPS_SGHMC = 1e-16
 """Floor of the SGHMC scale estimates, as in the authors' code."""
-
-
-def _check_number(
-    value: Any, name: str, low: float, high: float = math.inf, *, closed: str = ""
-) -> float:
-    """``value`` as a float in ``(low, high)``; ``closed`` holds "low"/"high" for closed ends."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
-    above = value >= low if "low" in closed else value > low
-    below = value <= high if "high" in closed else value < high
-    if not (above and below):
-        interval = (
-            f"{'[' if 'low' in closed else '('}{low}, {high}{']' if 'high' in closed else ')'}"
-        )
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
-    return float(value)
-
-
-def _check_burn_in(value: Any, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        expected = "a non-negative integer" + (" or None" if allow_none else "")
-        raise ValueError(f"`num_burn_in_steps` must be {expected}, got {value!r}")
 
 
 def _adapts(step: int, num_burn_in_steps: int | None) -> bool:
@@ -171,10 +148,11 @@ class SGLD(SGMCMCOptimizer):
         eps: float = 1e-5,
         num_burn_in_steps: int | None = None,
     ) -> None:
-        lr = _check_number(lr, "lr", 0.0)
-        _check_burn_in(num_burn_in_steps, allow_none=True)
-        alpha = _check_number(alpha, "alpha", 0.0, 1.0, closed="low")
-        eps = _check_number(eps, "eps", 0.0)
+        lr = number_in(lr, "lr", 0.0)
+        if num_burn_in_steps is not None:
+            non_negative_int(num_burn_in_steps, "num_burn_in_steps")
+        alpha = number_in(alpha, "alpha", 0.0, 1.0, closed="low")
+        eps = number_in(eps, "eps", 0.0)
         if not isinstance(preconditioned, bool):
             raise TypeError(f"`preconditioned` must be a bool, got {preconditioned!r}")
         defaults = {
@@ -234,9 +212,9 @@ class SGHMC(SGMCMCOptimizer):
         mdecay: float = 0.05,
         num_burn_in_steps: int = 3000,
     ) -> None:
-        lr = _check_number(lr, "lr", 0.0)
-        mdecay = _check_number(mdecay, "mdecay", 0.0, 1.0, closed="high")
-        _check_burn_in(num_burn_in_steps, allow_none=False)
+        lr = number_in(lr, "lr", 0.0)
+        mdecay = number_in(mdecay, "mdecay", 0.0, 1.0, closed="high")
+        non_negative_int(num_burn_in_steps, "num_burn_in_steps")
         defaults = {"lr": lr, "mdecay": mdecay, "num_burn_in_steps": num_burn_in_steps}
         super().__init__(params, defaults)
 

@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from uq_box.checks import number_in
+
 __all__ = ["INSTALL_HINT", "import_pyro", "mcmc_summary", "parameter_names"]
 
 INSTALL_HINT = "pip install 'uq_box[pyro]' (pyro-ppl>=1.9; it needs only torch)"
@@ -81,8 +83,7 @@ def mcmc_summary(
     num_chains, num_draws, num_values = values.shape
     if num_draws < 4:
         raise ValueError(f"`samples` needs at least 4 draws per chain, got {num_draws}")
-    if not 0.0 < prob < 1.0:
-        raise ValueError(f"`prob` must be in (0, 1), got {prob}")
+    number_in(prob, "prob", 0.0, 1.0)
     if names is None:
         names = [f"x[{k}]" for k in range(num_values)]
     if len(names) != num_values:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 from typing import Any
 
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from torch.distributions import HalfCauchy
 from torch.func import functional_call, vmap
 
-from uq_box.checks import non_negative_int, positive_finite, positive_int
+from uq_box.checks import non_negative_int, number_in, positive_finite, positive_int
 from uq_box.losses import MSE, NLL
 from uq_box.methods.base import unpack_batch
 from uq_box.methods.predictive import regression_predictive
@@ -134,9 +133,7 @@ class NUTSReference:
         self.num_chains = positive_int(num_chains, "num_chains")
         self.num_warmup = non_negative_int(num_warmup, "num_warmup")
         self.num_samples = positive_int(num_samples, "num_samples")
-        if not (isinstance(target_accept_prob, numbers.Real) and 0 < target_accept_prob < 1):
-            raise ValueError(f"`target_accept_prob` must be in (0, 1), got {target_accept_prob!r}")
-        self.target_accept_prob = float(target_accept_prob)
+        self.target_accept_prob = number_in(target_accept_prob, "target_accept_prob", 0.0, 1.0)
         self.max_tree_depth = positive_int(max_tree_depth, "max_tree_depth")
         self.full_mass = bool(full_mass)
         if isinstance(init, str) and init not in INITS:
