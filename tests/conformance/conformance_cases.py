@@ -309,7 +309,7 @@ def bad_inputs(entry: MethodEntry) -> list[BadInput]:
                     f"{name}_zero",
                     lambda name=name: entry.build(network(entry), **{name: 0}),
                     ValueError,
-                    (f"`{name}`", "got 0", "positive integer"),
+                    (f"`{name}`", "got 0", "must be", "integer"),  # (Laplace: >= 2)
                 )
             )
     if "burnin_epochs" in accepted:

@@ -6,8 +6,8 @@ applies:
 - the registry lists every concrete method class that ``uq_box.methods`` exports;
 - the prediction contract: keys, shapes, dtypes, finite values, ``total^2 = aleatoric^2 +
   epistemic^2`` (regression), ``entropy = aleatoric + epistemic`` and the mean of the sampled
-  softmax probabilities (classification), ``epistemic_uct == 0`` for a single network; float64
-  inputs into a float32 network give float32 predictions, a batch dict the same as a bare input;
+  softmax probabilities (classification), ``epistemic_uct == 0`` for a single network; a batch
+  dict predicts as a bare input; float64 inputs into a float32 network give float32 predictions;
 - same seed, same numbers: a second fit gives bit-identical parameters, buffers and logs;
 - exact resume: a fit resumed from a checkpoint taken mid-epoch (steps 6 and 10 of 12, under
   another global seed) ends with the parameters, buffers, logged epoch means and (sampled,
@@ -108,15 +108,41 @@ def test_prediction_contract(item, fitted):
     torch.manual_seed(3)
     preds = predict(method, item, x)
     check_contract(preds, item, N_PREDICT)
-    # float64 data into a float32 network: float32 predictions, the same numbers
+    if not item.stacked:  # a batch (dict with targets) predicts as its inputs
+        torch.manual_seed(3)
+        assert_same_predictions(preds, method.predict_step({"input": x, "target": None}))
+
+
+#: known failures of the float64-input check, each with its reason
+FLOAT64_BUGS = {
+    name: "Laplace's predict_step passes float64 inputs to the float32 network uncast "
+    "(RuntimeError: mat1 and mat2 must have the same dtype)"
+    for name in ("LaplaceRegression", "LaplaceClassification")
+}
+
+
+def float64_params() -> list:
+    cases = params()
+    for i, case in enumerate(cases):
+        if case.id in FLOAT64_BUGS:
+            bug = pytest.mark.xfail(strict=True, reason=FLOAT64_BUGS[case.id])
+            cases[i] = pytest.param(*case.values, id=case.id, marks=[*case.marks, bug])
+    return cases
+
+
+@pytest.mark.parametrize("item", float64_params())
+def test_float64_inputs_into_a_float32_network(item, fitted):
+    """Floating point inputs are cast to the network's dtype: float32 predictions, the same
+    numbers as the float32 inputs give."""
+    method = fitted(item).method
+    x = predict_inputs()
+    torch.manual_seed(3)
+    preds = predict(method, item, x)
     torch.manual_seed(3)
     from_double = predict(method, item, x.double())
     for key, value in preds.items():
         assert from_double[key].dtype == torch.float32, key
         torch.testing.assert_close(from_double[key], value, msg=key)
-    if not item.stacked:  # a batch (dict with targets) predicts as its inputs
-        torch.manual_seed(3)
-        assert_same_predictions(preds, method.predict_step({"input": x, "target": None}))
 
 
 # -- checkpoints: same seed same numbers, exact resume, reload ------------------------------------

@@ -216,7 +216,11 @@ def test_parameter_names_flatten_row_major():
         ({"noise": -1.0}, ValueError, "`noise` must be a positive finite number"),
         ({"prior_scale": 0.0}, ValueError, "`prior_scale` must be a positive finite number"),
         ({"num_chains": 0}, ValueError, "`num_chains` must be a positive integer"),
-        ({"target_accept_prob": 1.0}, ValueError, r"`target_accept_prob` must be a number in \(0, 1\)"),
+        (
+            {"target_accept_prob": 1.0},
+            ValueError,
+            r"`target_accept_prob` must be a number in \(0, 1\)",
+        ),
         ({"init": "zeros"}, ValueError, "`init` must be one of"),
     ],
 )
