@@ -191,7 +191,7 @@ def test_ood_detection_metric_over_uneven_batches():
     for i, (s, o) in enumerate(zip(scores.split(sizes), is_ood.split(sizes), strict=True)):
         metric.update(s, o if i % 2 else o.long())  # bool or 0/1 labels
     result = metric.compute()
-    assert set(result) == {"auroc", "fpr95"}
+    assert set(result) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
     labels, all_scores = _sklearn_labels(u_in, u_out)
     assert result["auroc"].item() == pytest.approx(roc_auc_score(labels, all_scores), rel=1e-12)
     assert result["fpr95"].item() == pytest.approx(_reference_fpr95(u_in, u_out), abs=1e-15)

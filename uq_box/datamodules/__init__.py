@@ -8,6 +8,13 @@ from uq_box.datamodules.classification import (
     make_spiral,
     rotate_images,
 )
+from uq_box.datamodules.ood import (
+    DigitsHeldOutDatamodule,
+    FarCloudDatamodule,
+    NoiseImagesDatamodule,
+    OODDatamodule,
+    RotatedDigitsDatamodule,
+)
 from uq_box.datamodules.stacked import StackedDataModule, StackedLoader, kfold_datamodules
 from uq_box.datamodules.toy import (
     ToyGapDatamodule,
@@ -20,7 +27,12 @@ from uq_box.datamodules.uci import UCI_DATASETS, UCIRegressionDatamodule, defaul
 __all__ = [
     "ArrayDataModule",
     "DigitsDatamodule",
+    "DigitsHeldOutDatamodule",
+    "FarCloudDatamodule",
     "InMemoryLoader",
+    "NoiseImagesDatamodule",
+    "OODDatamodule",
+    "RotatedDigitsDatamodule",
     "SpiralDatamodule",
     "StackedDataModule",
     "StackedLoader",

@@ -6,6 +6,14 @@ The contract, the hooks a method implements and how to add one:
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
 from uq_box.methods.bnn_vi import BNNVI, BNNVIClassification, BNNVIRegression
+from uq_box.methods.calibrators import (
+    DirichletCalibration,
+    HistogramBinning,
+    IsotonicCalibration,
+    MatrixScaling,
+    VectorScaling,
+)
+from uq_box.methods.conformal_classification import ConformalClassification
 from uq_box.methods.deep_ensemble import (
     DeepEnsemble,
     DeepEnsembleClassification,
@@ -45,18 +53,23 @@ __all__ = [
     "BNNVIClassification",
     "BNNVIRegression",
     "ClassificationTask",
+    "ConformalClassification",
     "DeepEnsemble",
     "DeepEnsembleClassification",
     "DeepEnsembleRegression",
     "Deterministic",
     "DeterministicClassification",
     "DeterministicRegression",
+    "DirichletCalibration",
+    "HistogramBinning",
+    "IsotonicCalibration",
     "Laplace",
     "LaplaceClassification",
     "LaplaceRegression",
     "MCDropoutClassification",
     "MCDropoutMethod",
     "MCDropoutRegression",
+    "MatrixScaling",
     "MVERegression",
     "PostHocCalibration",
     "PSGLDClassification",
@@ -76,6 +89,7 @@ __all__ = [
     "SWAGRegression",
     "TemperatureScaling",
     "UQMethod",
+    "VectorScaling",
 ]
 
 

@@ -26,6 +26,14 @@ from torch import nn
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
 from uq_box.methods.bnn_vi import BNNVIClassification, BNNVIRegression
+from uq_box.methods.conformal_classification import ConformalClassification
+from uq_box.methods.calibrators import (
+    DirichletCalibration,
+    HistogramBinning,
+    IsotonicCalibration,
+    MatrixScaling,
+    VectorScaling,
+)
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
 from uq_box.methods.deterministic import (
     DeterministicClassification,
@@ -265,6 +273,19 @@ METHODS: tuple[MethodEntry, ...] = (
         label="ConformalRegression[Quantile]",
     ),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
+    MethodEntry(
+        ConformalClassification,
+        {"alpha": 0.2, "score": "raps"},
+        base=_DETERMINISTIC_CLASSIFICATION,
+        stochastic=False,
+    ),
+    MethodEntry(VectorScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
+    MethodEntry(MatrixScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
+    MethodEntry(DirichletCalibration, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
+    MethodEntry(
+        HistogramBinning, {"num_bins": 5}, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False
+    ),
+    MethodEntry(IsotonicCalibration, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(StackedRuns, base=_MC_DROPOUT_REGRESSION, label="StackedRuns[MCDropoutRegression]"),
     MethodEntry(
         StackedRuns,

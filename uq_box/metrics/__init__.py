@@ -1,6 +1,12 @@
 """Metrics for uncertainty quantification: torchmetrics classes and pure torch functions."""
 
-from uq_box.metrics import functional, functional_classification
+from uq_box.metrics import (
+    functional,
+    functional_calibration,
+    functional_classification,
+    functional_ood,
+)
+from uq_box.metrics.calibration import AdaptiveCalibrationError, ClasswiseCalibrationError
 from uq_box.metrics.classification import (
     BrierScore,
     ExpectedCalibrationError,
@@ -11,7 +17,9 @@ from uq_box.metrics.regression import CRPS, GaussianNLL, IntervalCoverage, Misca
 
 __all__ = [
     "CRPS",
+    "AdaptiveCalibrationError",
     "BrierScore",
+    "ClasswiseCalibrationError",
     "ExpectedCalibrationError",
     "GaussianNLL",
     "IntervalCoverage",
@@ -19,5 +27,7 @@ __all__ = [
     "MulticlassNLL",
     "OODDetection",
     "functional",
+    "functional_calibration",
     "functional_classification",
+    "functional_ood",
 ]

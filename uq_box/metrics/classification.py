@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from uq_box.metrics import functional_classification as fc
+from uq_box.metrics.functional_ood import ood_detection_metrics
 
 __all__ = ["BrierScore", "ExpectedCalibrationError", "MulticlassNLL", "OODDetection"]
 
@@ -121,10 +122,11 @@ class ExpectedCalibrationError(Metric):
 
 
 class OODDetection(Metric):
-    """AUROC and FPR at 95% TPR for detecting OOD inputs by a higher uncertainty score.
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR for detecting OOD inputs by a higher score.
 
-    See :func:`uq_box.metrics.functional_classification.ood_auroc` and
-    :func:`uq_box.metrics.functional_classification.fpr_at_95_tpr`. OOD inputs are the
+    See :func:`uq_box.metrics.functional_classification.ood_auroc`,
+    :func:`uq_box.metrics.functional_ood.ood_aupr_in`, :func:`~uq_box.metrics.functional_ood.ood_aupr_out`
+    and :func:`uq_box.metrics.functional_classification.fpr_at_95_tpr`. OOD inputs are the
     positive class. Any uncertainty works as the score (``pred_uct``, ``epistemic_uct``,
     ``1 - max_c p_c``, ...). Keeps all scores in memory.
 
@@ -166,7 +168,9 @@ class OODDetection(Metric):
         self.is_ood.append(is_ood)
 
     def compute(self) -> dict[str, Tensor]:
-        """Return ``{"auroc": ..., "fpr95": ...}`` over every score seen since the last reset."""
+        """Return ``{"auroc", "aupr_in", "aupr_out", "fpr95"}`` over every score since the last
+        reset (see :func:`uq_box.metrics.functional_ood.ood_detection_metrics`).
+        """
         if isinstance(self.uncertainty, list) and not self.uncertainty:
             raise ValueError("`OODDetection.compute` called before any `update`")
         uncertainty = dim_zero_cat(self.uncertainty)
@@ -174,7 +178,4 @@ class OODDetection(Metric):
         if bool(is_ood.all()) or not bool(is_ood.any()):
             raise ValueError("`OODDetection` needs both in-distribution and OOD inputs")
         scores_in, scores_out = uncertainty[~is_ood], uncertainty[is_ood]
-        return {
-            "auroc": fc.ood_auroc(scores_in, scores_out),
-            "fpr95": fc.fpr_at_95_tpr(scores_in, scores_out),
-        }
+        return ood_detection_metrics(scores_in, scores_out)

@@ -73,6 +73,12 @@ def _check_num_bins(num_bins: int) -> None:
     positive_int(num_bins, "num_bins")
 
 
+def _equal_width_bin(values: Tensor, num_bins: int) -> Tensor:
+    """Bin index of values in ``[0, 1]``: bin ``b`` is ``(b / num_bins, (b + 1) / num_bins]``."""
+    edges = torch.linspace(0.0, 1.0, num_bins + 1, dtype=values.dtype, device=values.device)
+    return torch.bucketize(values, edges[1:-1].contiguous(), right=False)
+
+
 def _calibration_bins(
     probs: Tensor, target: Tensor, num_bins: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,8 +89,7 @@ def _calibration_bins(
     """
     confidence, predicted = probs.max(dim=1)
     correct = predicted.eq(target).to(probs.dtype)
-    interior = torch.linspace(0.0, 1.0, num_bins + 1, dtype=probs.dtype, device=probs.device)
-    index = torch.bucketize(confidence, interior[1:-1].contiguous(), right=False)
+    index = _equal_width_bin(confidence, num_bins)
     conf_sum = probs.new_zeros(num_bins).scatter_add_(0, index, confidence)
     acc_sum = probs.new_zeros(num_bins).scatter_add_(0, index, correct)
     count = torch.zeros(num_bins, dtype=torch.long, device=probs.device)

@@ -8,6 +8,7 @@ from uq_box.viz.classification import (
 )
 from uq_box.viz.comparison import plot_predictions_comparison
 from uq_box.viz.mcmc import plot_traces
+from uq_box.viz.ood import ood_roc_curve, plot_ood_detection
 from uq_box.viz.regression import (
     plot_calibration,
     plot_predictions_regression,
@@ -18,8 +19,10 @@ from uq_box.viz.weights import model_weights, plot_weight_histograms
 
 __all__ = [
     "model_weights",
+    "ood_roc_curve",
     "plot_calibration",
     "plot_decision_surface",
+    "plot_ood_detection",
     "plot_predictions_comparison",
     "plot_predictions_regression",
     "plot_reliability_diagram",
