@@ -14,6 +14,7 @@ from uq_box.viz.regression import (
     plot_predictions_regression,
     plot_toy_regression_data,
 )
+from uq_box.viz.selective import plot_risk_coverage
 from uq_box.viz.training import plot_training_metrics
 from uq_box.viz.weights import model_weights, plot_weight_histograms
 
@@ -26,6 +27,7 @@ __all__ = [
     "plot_predictions_comparison",
     "plot_predictions_regression",
     "plot_reliability_diagram",
+    "plot_risk_coverage",
     "plot_rotated_examples",
     "plot_toy_regression_data",
     "plot_training_metrics",
