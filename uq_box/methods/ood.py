@@ -164,8 +164,10 @@ def ood_scores(logits: Tensor, scores: Iterable[str] = tuple(LOGIT_SCORES)) -> d
 
 
 def _network(model: nn.Module) -> nn.Module:
-    """The network of a method (``method.model``), or ``model`` itself."""
-    return model.model if isinstance(model, UQMethod) else model
+    """The network of a method (``method.model``, through any wrappers), or ``model`` itself."""
+    while isinstance(model, UQMethod):
+        model = model.model
+    return model
 
 
 class MahalanobisScorer:
@@ -184,7 +186,8 @@ class MahalanobisScorer:
     stochastic network, one sample of its features.
 
     Args:
-        model: a method (its network ``model.model`` is hooked) or a plain ``nn.Module``.
+        model: a method (its network ``model.model`` is hooked; a post-hoc wrapper's is that of
+            the method it wraps) or a plain ``nn.Module``.
         layer: the name of a submodule of the network, as in ``network.named_modules()``
             (``"0"``, ``"layers.2"``, ``"fc"``).
         batch_size: inputs per forward pass.
