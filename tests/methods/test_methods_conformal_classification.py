@@ -321,7 +321,7 @@ def test_wrapper_through_lightning_logs_the_set_metrics(digits):
     assert batch["pred_set"].dtype == torch.bool and batch["pred_set"].shape == (479, 10)
     # the same threshold as calibrate() on the same data and draws
     seed_everything(0)
-    direct = ConformalClassification(method, alpha=0.1, score="raps").calibrate(dm)
+    direct = ConformalClassification(method, alpha=0.1, score="raps").calibrate(dm, split="calib")
     torch.testing.assert_close(direct.threshold, conformal.threshold)
 
 
@@ -360,7 +360,7 @@ def test_every_classification_method(name):
         method.calibrate(dm)
     else:
         quiet_trainer(max_epochs=3).fit(method, dm)
-    conformal = ConformalClassification(method, alpha=0.2).calibrate(dm)
+    conformal = ConformalClassification(method, alpha=0.2).calibrate(dm)  # the val split
     preds = conformal.predict_step(dm.X_test)
     assert preds["pred_set"].shape == (32, 2) and preds["pred_set"].dtype == torch.bool
     torch.testing.assert_close(preds["pred"].sum(1), torch.ones(32))
@@ -411,11 +411,11 @@ def test_errors_name_the_argument(digits):
     method, x, y, _ = digits
     conformal = ConformalClassification(method, alpha=0.1)
     # the calibration split: missing, or too small for alpha (marginal and per class)
-    no_calib = DigitsDatamodule(flatten=True)
-    with pytest.raises(
-        ValueError, match=r"no 'calib' split; it has \['train', 'val', 'test'\].*`split`"
-    ):
-        conformal.calibrate(no_calib)
+    no_val = DigitsDatamodule(flatten=True, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"no 'val' split; it has \['train', 'test'\].*`split`"):
+        conformal.calibrate(no_val)
+    with pytest.raises(ValueError, match=r"no 'calib' split; it has \['train', 'test'\]"):
+        conformal.calibrate(no_val, split="calib")
     with pytest.raises(
         ValueError, match=r"8 calibration points are too few for `alpha`=0.1.*at least 9"
     ):
@@ -457,7 +457,7 @@ def test_errors_name_the_argument(digits):
     with pytest.raises(RuntimeError, match="not calibrated.*calibrate"):
         fresh.predict_step(x[:3])
     with pytest.raises(RuntimeError, match="nothing to train"):
-        quiet_trainer(max_epochs=1).fit(fresh, no_calib)
+        quiet_trainer(max_epochs=1).fit(fresh, no_val)
     # labels out of range
     with pytest.raises(ValueError, match="class index 10"):
         fresh.calibrate((x[:20], torch.full((20,), 10)))

@@ -194,7 +194,10 @@ def label_scores(
     Args:
         probs: class probabilities ``[N, C]``.
         target: integer labels ``[N]`` in ``[0, C)``.
-        score, u, k_reg, lam: see :func:`class_scores`.
+        score: ``"lac"``, ``"aps"`` or ``"raps"``.
+        u: see :func:`class_scores`.
+        k_reg: RAPS: the number of top classes without a penalty.
+        lam: RAPS: the penalty per class ranked below ``k_reg``.
 
     Returns:
         ``[N]`` scores in the dtype of ``probs``.
@@ -309,7 +312,8 @@ def prediction_sets(
         score: ``"lac"``, ``"aps"`` or ``"raps"``; the score the threshold was calibrated on.
         randomized: APS/RAPS: draw ``u ~ U(0, 1)`` per point (calibrate with random ``u`` too);
             otherwise ``u = 0``, the conservative sets of scores calibrated with ``u = 1``.
-        k_reg, lam: RAPS's regularization, see :func:`class_scores`.
+        k_reg: RAPS: the number of top classes without a penalty.
+        lam: RAPS: the penalty per class ranked below ``k_reg``.
         u: APS/RAPS with ``randomized``: the draws ``[N]`` to use instead of fresh ones from the
             global generator.
 
@@ -337,11 +341,15 @@ def prediction_sets(
 class ConformalClassification(ClassificationTask, PostHocCalibration):
     """Conformal prediction sets around a fitted classification method (any of them).
 
-    Calibrated on held-out data (the ``"calib"`` split by default; ``calibrate(dm, split="val")``
-    or an ``(inputs, targets)`` pair work too), from the wrapped method's mean predictive
-    probabilities ``pred``: see the module :mod:`uq_box.methods.conformal_classification` for the
-    scores, the randomization and the guarantee. Too few calibration points for ``alpha`` (fewer
-    than ``1 / alpha - 1``, or per class with ``mondrian``) is an error.
+    Calibrated on held-out data, from the wrapped method's mean predictive probabilities
+    ``pred``: the ``"val"`` split by default, as the other classification wrappers (the
+    classification data modules hold out a validation split); ``calibrate(dm, split="calib")``
+    reads an ``ArrayDataModule``'s ``X_calib``/``y_calib``, and an ``(inputs, targets)`` pair
+    works too. The guarantee needs calibration data that neither training nor model selection
+    saw: if the validation split chose the epoch or the hyperparameters, calibrate on a split of
+    its own. See the module :mod:`uq_box.methods.conformal_classification` for the scores, the
+    randomization and the guarantee. Too few calibration points for ``alpha`` (fewer than
+    ``1 / alpha - 1``, or per class with ``mondrian``) is an error.
 
     ``predict_step`` returns the wrapped method's classification contract unchanged plus
     ``pred_set``, booleans ``[N, C]`` (``True`` for the classes in each point's set; randomized
@@ -362,7 +370,7 @@ class ConformalClassification(ClassificationTask, PostHocCalibration):
         mondrian: class-conditional thresholds, coverage ``>= 1 - alpha`` for every class.
     """
 
-    default_split = "calib"
+    default_split = "val"
     concat_dims = {"scores": 0, "target": 0, "num_classes": 0}
 
     def __init__(

@@ -26,7 +26,6 @@ from torch import nn
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
 from uq_box.methods.bnn_vi import BNNVIClassification, BNNVIRegression
-from uq_box.methods.conformal_classification import ConformalClassification
 from uq_box.methods.calibrators import (
     DirichletCalibration,
     HistogramBinning,
@@ -34,6 +33,7 @@ from uq_box.methods.calibrators import (
     MatrixScaling,
     VectorScaling,
 )
+from uq_box.methods.conformal_classification import ConformalClassification
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
 from uq_box.methods.deterministic import (
     DeterministicClassification,
