@@ -176,6 +176,9 @@ def check_contract(
             check_contract(run, entry.base, n, num_classes, dtype, num_samples)
         return
     for key, value in preds.items():
+        if key == "pred_set":  # the one boolean key: a conformal prediction set per point
+            assert value.dtype == torch.bool and value.shape == (n, num_classes), value.shape
+            continue
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), key
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}

@@ -141,31 +141,13 @@ def test_float64_inputs_into_a_float32_network(item, fitted):
     torch.manual_seed(3)
     from_double = predict(method, item, x.double())
     for key, value in preds.items():
-        assert from_double[key].dtype == torch.float32, key
+        assert from_double[key].dtype == value.dtype, key
+        assert value.dtype in (torch.float32, torch.bool), (key, value.dtype)
         torch.testing.assert_close(from_double[key], value, msg=key)
 
 
 # -- checkpoints: same seed same numbers, exact resume, reload ------------------------------------
-#: known failures of the resume check, each with its reason (strict: a fix makes the test fail)
-RESUME_BUGS = {
-    "StackedRuns[MCDropoutRegression]": "StackedRuns keeps no random generator state in its "
-    "checkpoints (it owns on_fit_start/on_train_epoch_end rather than UQMethod's resume hooks): "
-    "a fit resumed mid-epoch draws other dropout masks and ends with other weights",
-    "StackedRuns[DeepEnsembleClassification]": "StackedRuns keeps no running epoch sums in its "
-    "checkpoints: a fit resumed mid-epoch logs train_loss/train_nll of the resumed batches only",
-}
-
-
-def resume_params() -> list:
-    cases = params(lambda e: e.resumes)
-    for i, case in enumerate(cases):
-        if case.id in RESUME_BUGS:
-            bug = pytest.mark.xfail(strict=True, reason=RESUME_BUGS[case.id])
-            cases[i] = pytest.param(*case.values, id=case.id, marks=[*case.marks, bug])
-    return cases
-
-
-@pytest.mark.parametrize("item", resume_params())
+@pytest.mark.parametrize("item", params(lambda e: e.resumes))
 def test_same_seed_same_numbers_and_exact_resume(item, fitted):
     reference = fitted(item)
     state = state_of(reference.method)

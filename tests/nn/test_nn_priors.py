@@ -267,8 +267,19 @@ def test_bayesian_layer_kl_is_the_sum_over_weight_and_bias(prior):
     )
     torch.testing.assert_close(layer.kl, expected, rtol=1e-10, atol=0)
     torch.testing.assert_close(layer.layer_kl(), expected, rtol=1e-10, atol=0)
-    layer.kl.backward()
-    assert layer.weight_mu.grad.abs().sum() > 0 and layer.bias_rho.grad.abs().sum() > 0
+    # the gradients too (a scalar Normal prior takes one closed form over weights and biases)
+    params = [layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho]
+    for got, want in zip(
+        torch.autograd.grad(layer.kl, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(layer.kl, params))
+
+
+def test_model_kl_counts_a_layer_used_twice_once():
+    shared = BayesianLinear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(nn.ReLU(), BayesianLinear(3, 1)))
+    torch.testing.assert_close(model_kl(model), shared.layer_kl() + model[3][1].layer_kl())
 
 
 def test_bayesian_layer_without_bias_kl_covers_weights_only():

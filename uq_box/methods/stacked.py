@@ -26,11 +26,14 @@ from torch import Tensor, nn
 
 from uq_box.checks import positive_int
 from uq_box.methods.base import (
+    RESUME_STATE_KEY,
+    FastHookBookkeeping,
+    RunningMeans,
     UQMethod,
-    accumulate,
     eval_mode,
     optimizer_config,
-    pop_means,
+    restore_resume_state,
+    resume_state,
     unpack_batch,
 )
 from uq_box.nn.ensemble import StackedEnsemble, reinitialized
@@ -121,7 +124,7 @@ def _methods(
     return methods
 
 
-class StackedRuns(LightningModule):
+class StackedRuns(FastHookBookkeeping, LightningModule):
     """``K`` independent runs of a method as one model; train it with any ``lightning.Trainer``.
 
     Args:
@@ -172,7 +175,7 @@ class StackedRuns(LightningModule):
         self.test_metrics = nn.ModuleList([first.build_metrics() for _ in methods])
         #: The last epoch's per-run values ``[K]`` by stage (``"train"``, ``"val"``, ``"test"``).
         self.run_metrics: dict[str, dict[str, Tensor]] = {}
-        self._running: dict[str, list] = {}
+        self._running = RunningMeans()
         self._warm: set[tuple[str, bool]] = set()
         # one backward and optimizer step per training step, called here: Lightning's automatic
         # optimization (closure, hooks per step) costs as much as a small stacked step
@@ -250,6 +253,23 @@ class StackedRuns(LightningModule):
         template = self.method
         template._trainer = self.trainer
         template._num_training_points = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the generators' states and the running epoch sums, as a method does."""
+        checkpoint[RESUME_STATE_KEY] = resume_state(self._running)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the resume state for :meth:`on_train_start`."""
+        self._resume_state = checkpoint.get(RESUME_STATE_KEY)
+
+    def on_train_start(self) -> None:
+        """A fit resumed from ``ckpt_path`` draws the uninterrupted fit's noise and logs the
+        means over its whole interrupted epoch (see :meth:`UQMethod.on_train_start`).
+        """
+        state = getattr(self, "_resume_state", None)
+        self._resume_state = None
+        if state is not None and self.trainer.ckpt_path is not None:
+            restore_resume_state(state, self._running, self.device)
 
     def configure_optimizers(self) -> Any:
         """The method's optimizer (and scheduler) over the stacked parameters."""
@@ -338,10 +358,10 @@ class StackedRuns(LightningModule):
             method.update_metrics(run_metrics, {key: v[k] for key, v in preds.items()}, target[k])
 
     def _accumulate(self, stage: str, terms: dict[str, Tensor], weight: int) -> None:
-        accumulate(self._running, stage, terms, weight)
+        self._running.add(stage, terms, weight)
 
     def _log_running(self, stage: str, skip: set[str] | frozenset = frozenset()) -> dict:
-        values = pop_means(self._running, stage, skip)
+        values = self._running.pop(stage, skip)
         if values:
             self.run_metrics.setdefault(stage, {}).update(
                 {k[len(stage) + 1 :]: v for k, v in values.items()}

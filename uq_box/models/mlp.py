@@ -12,6 +12,9 @@ from uq_box.checks import number_in, positive_int
 class MLP(nn.Module):
     """Multi-layer perceptron: ``Linear -> activation -> Dropout`` per hidden layer, then ``Linear``.
 
+    With ``dropout_p=0`` the dropout slots hold ``nn.Identity`` (same layer indices, no
+    dropout call per forward).
+
     Args:
         n_inputs: input features.
         n_hidden: width of each hidden layer.
@@ -38,7 +41,9 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = n_inputs
         for hidden in n_hidden:
-            layers += [nn.Linear(width, hidden), activation_fn, nn.Dropout(dropout_p)]
+            # without dropout an identity keeps the layer indices (and module names) the same
+            dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+            layers += [nn.Linear(width, hidden), activation_fn, dropout]
             width = hidden
         layers.append(nn.Linear(width, n_outputs))
         self.model = nn.Sequential(*layers)

@@ -167,7 +167,7 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 def mc_plan(model: nn.Module, x: Tensor) -> MCPlan:
     """The cached plan of ``model`` in its current structure and mode (built on first use)."""
-    key = tuple((id(m), m.training) for m in model.modules())
+    key = _structure_key(model)
     plans = _PLANS.setdefault(model, {})
     plan = plans.get(key)
     if in_functorch_transform():
@@ -178,6 +178,21 @@ def mc_plan(model: nn.Module, x: Tensor) -> MCPlan:
             plans.clear()
         plans[key] = plan
     return plan
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    """Every submodule's identity and mode, depth first: the cache key of a plan.
+
+    A walk over ``_modules`` without ``named_modules``' prefix strings: it runs at every
+    Monte Carlo forward pass, so it must cost little next to a small network's forward.
+    """
+    key: list = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        key += (id(module), module.training)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return tuple(key)
 
 
 def in_functorch_transform() -> bool:
