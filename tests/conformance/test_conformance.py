@@ -114,23 +114,7 @@ def test_prediction_contract(item, fitted):
 
 
 #: known failures of the float64-input check, each with its reason
-FLOAT64_BUGS = {
-    name: "Laplace's predict_step passes float64 inputs to the float32 network uncast "
-    "(RuntimeError: mat1 and mat2 must have the same dtype)"
-    for name in ("LaplaceRegression", "LaplaceClassification")
-}
-
-
-def float64_params() -> list:
-    cases = params()
-    for i, case in enumerate(cases):
-        if case.id in FLOAT64_BUGS:
-            bug = pytest.mark.xfail(strict=True, reason=FLOAT64_BUGS[case.id])
-            cases[i] = pytest.param(*case.values, id=case.id, marks=[*case.marks, bug])
-    return cases
-
-
-@pytest.mark.parametrize("item", float64_params())
+@pytest.mark.parametrize("item", params())
 def test_float64_inputs_into_a_float32_network(item, fitted):
     """Floating point inputs are cast to the network's dtype: float32 predictions, the same
     numbers as the float32 inputs give."""

@@ -329,6 +329,11 @@ class Laplace(UQMethod):
         """
         laplace = import_laplace(type(self).__name__)
         loader = laplace_train_loader(data)
+        if isinstance(loader.dataset, TensorDataset):  # float64 data into a float32 network
+            x, y = loader.dataset.tensors
+            y = self._as_network_dtype(y) if self.cast_targets else y
+            size = getattr(loader.sampler, "batch_size", None) or loader.batch_size
+            loader = tensor_loader(self._as_network_dtype(x), y, size or FIT_BATCH_SIZE)
         device = next(self.model.parameters()).device
         x, y = next(iter(loader))[:2]
         with torch.no_grad(), eval_mode(self.model):
@@ -438,7 +443,7 @@ class Laplace(UQMethod):
         la_device = next(self.la.model.parameters()).device
         with torch.inference_mode(False), torch.enable_grad():
             # a fresh (non-inference) tensor: Lightning's test/predict loops run in inference mode
-            x = x.detach().to(la_device).clone()
+            x = self._as_network_dtype(x.detach().to(la_device)).clone()
             chunks = [self.laplace_predictive(chunk) for chunk in x.split(PREDICT_CHUNK)]
         sample_keys = ("samples", "logits")
         return {
