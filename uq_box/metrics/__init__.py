@@ -5,6 +5,8 @@ from uq_box.metrics import (
     functional_calibration,
     functional_classification,
     functional_ood,
+    functional_quantiles,
+    functional_samples,
     functional_selective,
     functional_sets,
 )
@@ -15,7 +17,16 @@ from uq_box.metrics.classification import (
     MulticlassNLL,
     OODDetection,
 )
+from uq_box.metrics.density import MixtureNLL
 from uq_box.metrics.regression import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
+from uq_box.metrics.samples import (
+    EnergyScore,
+    IntervalScore,
+    IntervalWidth,
+    QuantileCoverage,
+    QuantilePinball,
+    SampleCRPS,
+)
 from uq_box.metrics.selective import AUGRC, AURC, EAURC, RiskCoverageCurve
 from uq_box.metrics.sets import SetCoverage, SetSize, SizeStratifiedCoverage
 
@@ -27,13 +38,20 @@ __all__ = [
     "AdaptiveCalibrationError",
     "BrierScore",
     "ClasswiseCalibrationError",
+    "EnergyScore",
     "ExpectedCalibrationError",
     "GaussianNLL",
     "IntervalCoverage",
+    "IntervalScore",
+    "IntervalWidth",
     "MiscalibrationArea",
+    "MixtureNLL",
     "MulticlassNLL",
     "OODDetection",
+    "QuantileCoverage",
+    "QuantilePinball",
     "RiskCoverageCurve",
+    "SampleCRPS",
     "SetCoverage",
     "SetSize",
     "SizeStratifiedCoverage",
@@ -41,6 +59,8 @@ __all__ = [
     "functional_calibration",
     "functional_classification",
     "functional_ood",
+    "functional_quantiles",
+    "functional_samples",
     "functional_selective",
     "functional_sets",
 ]
