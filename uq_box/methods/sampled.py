@@ -8,6 +8,8 @@ parameters are never touched by prediction.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,6 +46,18 @@ def sampled_parameter_names(
     chosen = [modules[name] for name in resolve_module_names(model, stochastic_module_names)]
     wanted = {id(p) for module in chosen for p in module.parameters()}
     return [name for name, p in model.named_parameters() if id(p) in wanted]
+
+
+def unflatten_parameters(
+    flat: Tensor, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
+) -> dict[str, Tensor]:
+    """Split flat parameter vectors ``[..., P]`` into ``{name: [..., *shape]}`` (in order)."""
+    lead = flat.shape[:-1]
+    pieces = flat.split([math.prod(shape) for shape in shapes], dim=-1)
+    return {
+        name: piece.reshape(*lead, *shape)
+        for name, piece, shape in zip(names, pieces, shapes, strict=True)
+    }
 
 
 class ParameterSampling(UQMethod):
@@ -91,12 +105,7 @@ class ParameterSampling(UQMethod):
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``[..., P]`` into the sampled parameters, each ``[..., *shape]``."""
-        lead = flat.shape[:-1]
-        pieces = flat.split(self._numels, dim=-1)
-        return {
-            name: piece.reshape(*lead, *shape)
-            for name, piece, shape in zip(self.parameter_names, pieces, self._shapes, strict=True)
-        }
+        return unflatten_parameters(flat, self.parameter_names, self._shapes)
 
     @property
     def in_burnin(self) -> bool:

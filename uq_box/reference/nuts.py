@@ -53,6 +53,7 @@ from uq_box.checks import non_negative_int, number_in, positive_finite, positive
 from uq_box.losses import MSE, NLL
 from uq_box.methods.base import unpack_batch
 from uq_box.methods.predictive import regression_predictive
+from uq_box.methods.sampled import unflatten_parameters
 from uq_box.reference.diagnostics import import_pyro, mcmc_summary, parameter_names
 
 __all__ = ["NUTSReference"]
@@ -174,12 +175,7 @@ class NUTSReference:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``[..., P]`` into the backbone's parameters, each ``[..., *shape]``."""
-        lead = flat.shape[:-1]
-        pieces = flat.split(self._numels, dim=-1)
-        return {
-            name: piece.reshape(*lead, *shape)
-            for name, piece, shape in zip(self.parameter_names, pieces, self._shapes, strict=True)
-        }
+        return unflatten_parameters(flat, self.parameter_names, self._shapes)
 
     def flatten(self, model: nn.Module) -> Tensor:
         """The parameters of ``model`` (same architecture) as one flat vector ``[P]``."""
