@@ -198,6 +198,10 @@ def check_contract(
             assert samples.ndim == 3 and samples.shape[1:] == (n, 1), samples.shape
             if num_samples is not None:
                 assert samples.shape[0] == num_samples
+        quantiles = preds.get("quantiles")
+        if quantiles is not None and quantiles.ndim == 3:  # [N, T, Q], non-decreasing levels
+            assert quantiles.shape[:2] == (n, 1), quantiles.shape
+            assert (quantiles.diff(dim=-1) >= -1e-5).all(), "quantiles decrease with the level"
     else:
         assert CLASSIFICATION_KEYS <= set(preds), sorted(preds)
         pred, logits = preds["pred"], preds["logits"]

@@ -113,6 +113,30 @@ def test_prediction_contract(item, fitted):
         assert_same_predictions(preds, method.predict_step({"input": x, "target": None}))
 
 
+@pytest.mark.parametrize("item", params(lambda e: e.task == "regression" and not e.stacked))
+def test_quantiles_on_request(item, fitted):
+    """``quantile_levels`` adds ``quantiles`` ``[N, T, Q]`` to the contract, increasing in the
+    level; a level outside (0, 1) is an error naming the argument."""
+    method = fitted(item).method
+    previous = method.quantile_levels
+    try:
+        method.quantile_levels = (0.1, 0.5, 0.9)
+        torch.manual_seed(3)
+        preds = predict(method, item, predict_inputs())
+        check_contract(preds, item, N_PREDICT)
+        assert "quantiles" in preds, (
+            f"{item.name} ignores `quantile_levels`: add preds['quantiles'] [N, T, Q] (see "
+            f"uq_box.methods.predictive.regression_quantiles, "
+            f"uq_box.metrics.functional_quantiles.gaussian_quantiles)"
+        )
+        assert preds["quantiles"].shape == (N_PREDICT, 1, 3)
+        assert (preds["quantiles"][..., 0] < preds["quantiles"][..., 2]).all()
+    finally:
+        method.quantile_levels = previous
+    with pytest.raises(ValueError, match="`quantile_levels`"):
+        method.quantile_levels = (0.5, 1.0)
+
+
 #: known failures of the float64-input check, each with its reason
 @pytest.mark.parametrize("item", params())
 def test_float64_inputs_into_a_float32_network(item, fitted):

@@ -33,6 +33,7 @@ from uq_box.methods.mc_dropout import (
 )
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
+from uq_box.methods.recalibration import IsotonicRecalibration, StdScaling
 from uq_box.methods.sgmcmc import (
     SGMCMC,
     PSGLDClassification,
@@ -63,6 +64,7 @@ __all__ = [
     "DirichletCalibration",
     "HistogramBinning",
     "IsotonicCalibration",
+    "IsotonicRecalibration",
     "Laplace",
     "LaplaceClassification",
     "LaplaceRegression",
@@ -85,6 +87,7 @@ __all__ = [
     "SGMCMCRegression",
     "SWAG",
     "StackedRuns",
+    "StdScaling",
     "SWAGClassification",
     "SWAGRegression",
     "TemperatureScaling",

@@ -27,9 +27,11 @@ from torchmetrics import MeanMetric, MeanSquaredError, Metric
 from uq_box.checks import non_negative_int, positive_int
 from uq_box.losses import NLL
 from uq_box.methods.predictive import (
+    QuantileLevels,
     criterion_mean_and_std,
     criterion_num_outputs,
     regression_predictive,
+    regression_quantiles,
     update_regression_metrics,
 )
 from uq_box.methods.predictive_classification import classification_predictive
@@ -632,6 +634,10 @@ class RegressionTask:
     """
 
     criterion: nn.Module
+    #: levels at which ``predict_step`` adds ``quantiles`` ``[N, T, Q]`` (``None``: none), see
+    #: :class:`~uq_box.methods.predictive.QuantileLevels`; e.g. ``method.quantile_levels = (0.05,
+    #: 0.95)``.
+    quantile_levels = QuantileLevels()
 
     def default_criterion(self) -> nn.Module:
         """Heteroscedastic Gaussian NLL (2 outputs per target)."""
@@ -673,9 +679,15 @@ class RegressionTask:
         """Gaussian mixture moments, see :func:`regression_predictive`.
 
         A mean-only network (MSE) takes its aleatoric std from the training RMSE, a homoscedastic
-        Gaussian noise model, so that its NLL, CRPS and coverage are defined.
+        Gaussian noise model, so that its NLL, CRPS and coverage are defined. With
+        ``quantile_levels`` set, ``quantiles`` ``[N, T, Q]`` too (:func:`regression_quantiles`).
         """
-        return regression_predictive(outputs, self.criterion, getattr(self, "noise_std", None))
+        noise_std = getattr(self, "noise_std", None)
+        preds = regression_predictive(outputs, self.criterion, noise_std)
+        if self.quantile_levels is not None:
+            levels = self.quantile_levels
+            preds["quantiles"] = regression_quantiles(outputs, self.criterion, levels, noise_std)
+        return preds
 
     def check_outputs(self, outputs: Tensor, target: Tensor) -> None:
         """The network must give ``criterion.num_outputs`` outputs per target."""
@@ -707,7 +719,7 @@ class RegressionTask:
         self, metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor
     ) -> None:
         """Feed the predictions to the metrics, see :func:`update_regression_metrics`."""
-        update_regression_metrics(metrics, preds, target, self.criterion)
+        update_regression_metrics(metrics, preds, target, self.criterion, self.quantile_levels)
 
 
 class ClassificationTask:

@@ -87,6 +87,7 @@ from uq_box.methods.base import (
 )
 from uq_box.methods.predictive import criterion_num_outputs
 from uq_box.methods.predictive_classification import classification_predictive
+from uq_box.metrics.functional_quantiles import gaussian_quantiles
 
 SUBSETS_OF_WEIGHTS = ("last_layer", "all")
 HESSIAN_STRUCTURES = ("kron", "diag", "full")
@@ -446,12 +447,16 @@ class Laplace(UQMethod):
             x = self._as_network_dtype(x.detach().to(la_device)).clone()
             chunks = [self.laplace_predictive(chunk) for chunk in x.split(PREDICT_CHUNK)]
         sample_keys = ("samples", "logits")
-        return {
+        preds = {
             key: torch.cat([c[key] for c in chunks], dim=1 if key in sample_keys else 0)
             .detach()
             .to(self.device)
             for key in chunks[0]
         }
+        levels = getattr(self, "quantile_levels", None)
+        if levels is not None:  # the Gaussian predictive (exact for the GLM one)
+            preds["quantiles"] = gaussian_quantiles(preds["pred"], preds["pred_uct"], levels)
+        return preds
 
     def _warn_unfitted(self) -> None:
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"

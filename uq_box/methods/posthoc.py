@@ -44,6 +44,7 @@ from uq_box.datamodules.base import as_tensor
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod, unpack_batch
 from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.methods.quantile import QuantileRegression
+from uq_box.metrics.functional_quantiles import gaussian_quantiles
 
 __all__ = [
     "ConformalRegression",
@@ -278,7 +279,10 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
     whose central ``1 - alpha`` interval it is), so that the Gaussian metrics apply. The
     aleatoric and epistemic stds are multiplied by the same factor ``new pred_uct / old
     pred_uct``, so ``total^2 = aleatoric^2 + epistemic^2`` still holds and the split keeps its
-    proportions (conformal calibration says nothing about the split itself). Other keys
+    proportions (conformal calibration says nothing about the split itself). With
+    ``quantile_levels`` set, ``quantiles`` ``[N, T, Q]`` are those of the Gaussian centred on the
+    interval with that std (its ``alpha / 2`` and ``1 - alpha / 2`` quantiles are the conformal
+    bounds). Other keys
     (``samples``, a quantile model's ``quantiles``) are the wrapped method's, uncalibrated.
 
     Test metrics: the Gaussian ones on ``pred``/``pred_uct`` plus ``coverage`` (fraction of
@@ -406,6 +410,9 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
                 has_std, scaled(preds["epistemic_uct"].expand_as(pred)), torch.zeros_like(pred)
             )
             preds.update(pred_uct=new_std, lower=lower, upper=upper)
+            if self.quantile_levels is not None:  # the Gaussian whose central 1 - alpha is it
+                center = (lower + upper) / 2.0
+                preds["quantiles"] = gaussian_quantiles(center, new_std, self.quantile_levels)
         return preds
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
 from uq_box.losses import pinball_loss
+from uq_box.metrics.functional_quantiles import (
+    bisect_quantiles,
+    check_levels,
+    mixture_quantiles,
+)
 
 
 def regression_predictive(
@@ -57,14 +65,19 @@ def criterion_num_outputs(criterion: nn.Module) -> int:
 
 
 def update_regression_metrics(
-    metrics: nn.ModuleDict, preds: dict[str, Tensor], target: Tensor, criterion: nn.Module
+    metrics: nn.ModuleDict,
+    preds: dict[str, Tensor],
+    target: Tensor,
+    criterion: nn.Module,
+    quantile_levels: Sequence[float] | None = None,
 ) -> None:
     """Feed one batch of regression predictions to ``metrics``, the one place that says which
     prediction each metric (by its name) takes.
 
     ``rmse``: the mean ``pred``; ``coverage``: whether the target lies in ``[lower, upper]``;
     ``interval_width``: ``upper - lower``; ``pinball``: the pinball loss of the predicted
-    ``quantiles`` at the criterion's ``levels``; any other name: the Gaussian
+    ``quantiles`` at ``quantile_levels`` (the method's, when it was asked for quantiles) or else
+    the criterion's ``levels``; any other name: the Gaussian
     ``(pred, pred_uct, target)`` (NLL, CRPS, coverage of a Gaussian interval, calibration).
     """
     target = target.to(preds["pred"].dtype)
@@ -80,7 +93,93 @@ def update_regression_metrics(
             quantiles = preds["quantiles"]
             if quantiles.ndim == target.ndim:  # one target: [N, Q] -> [N, 1, Q]
                 quantiles = quantiles.unsqueeze(-2)
-            levels = criterion.levels.to(target.dtype)
+            levels = (
+                criterion.levels
+                if quantile_levels is None
+                else quantiles.new_tensor(quantile_levels)
+            )
+            levels = levels.to(device=target.device, dtype=target.dtype)
             metric.update(pinball_loss(quantiles, target.unsqueeze(-1), levels))
         else:
             metric.update(preds["pred"], preds["pred_uct"], target)
+
+
+class QuantileLevels:
+    """The ``quantile_levels`` attribute of a regression method: the levels at which its
+    ``predict_step`` adds ``quantiles`` ``[N, T, Q]`` (:func:`regression_quantiles`).
+
+    ``None`` (the default) adds nothing; setting levels checks them (each in ``(0, 1)``, else a
+    ``ValueError`` naming ``quantile_levels``) and keeps them as a tuple of floats. A prediction
+    option, not a hyperparameter: it is not saved in checkpoints.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}"
+
+    def __get__(self, obj: object, owner: type | None = None) -> tuple[float, ...] | None:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        return obj.__dict__.get(self.key)
+
+    def __set__(self, obj: object, value: Sequence[float] | Tensor | None) -> None:
+        obj.__dict__[self.key] = None if value is None else check_levels(value, "quantile_levels")
+
+
+def regression_quantiles(
+    outputs: Tensor,
+    criterion: nn.Module,
+    levels: Sequence[float] | Tensor,
+    noise_std: Tensor | None = None,
+) -> Tensor:
+    """Quantiles ``[N, T, Q]`` of the predictive mixture over ``S`` samples at ``levels``.
+
+    The predictive is the equal-weight mixture of each sample's distribution (see
+    :func:`regression_predictive`); its CDF is inverted by vectorized bisection:
+
+    - a criterion with ``cdf(outputs, value)`` (each sample's CDF at ``value`` ``[N, T]``, shaped
+      ``[S, N, T]`` as ``log_prob``) is inverted as it is, inside the bracket that Cantelli's
+      inequality gives from the mixture's mean and std (any distribution with a finite variance);
+    - a Gaussian criterion (``mean_and_std`` only) is the Gaussian mixture,
+      :func:`~uq_box.metrics.functional_quantiles.mixture_quantiles` (exact for ``S = 1``);
+    - a mean-only network with a noise std: the mixture of ``N(mu_s, noise^2)``; without one,
+      the empirical quantiles of the sampled means.
+
+    Args:
+        outputs: raw network outputs ``[S, N, O]``.
+        criterion: reads them (``mean_and_std``, optionally ``cdf``).
+        levels: ``Q`` levels in ``(0, 1)``.
+        noise_std: a mean-only network's homoscedastic noise std.
+    """
+    levels = check_levels(levels, "quantile_levels")
+    means, stds = criterion_mean_and_std(criterion, outputs)
+    if hasattr(criterion, "cdf"):
+        return _criterion_quantiles(outputs, criterion, means, stds, levels)
+    if stds is None and noise_std is not None:
+        stds = noise_std.to(means.dtype).expand_as(means)
+    return mixture_quantiles(means, stds, levels)
+
+
+def _criterion_quantiles(
+    outputs: Tensor, criterion: nn.Module, means: Tensor, stds: Tensor, levels: tuple
+) -> Tensor:
+    num_samples, num_points = outputs.shape[:2]
+    num_levels = len(levels)
+    tau = torch.tensor(levels, dtype=torch.float64, device=outputs.device)
+    mean = means.double().mean(0)
+    std = ((stds.double() ** 2).mean(0) + means.double().var(0, unbiased=False)).sqrt()
+    # Cantelli: F(mu - s sqrt((1 - tau) / tau)) <= tau <= F(mu + s sqrt(tau / (1 - tau)))
+    low = mean.unsqueeze(-1) - std.unsqueeze(-1) * ((1 - tau) / tau).sqrt()
+    high = mean.unsqueeze(-1) + std.unsqueeze(-1) * (tau / (1 - tau)).sqrt()
+    # every level as extra points: outputs [S, N * Q, O], values [N * Q, T]
+    folded = (
+        outputs.unsqueeze(2)
+        .expand(-1, -1, num_levels, -1)
+        .reshape(num_samples, num_points * num_levels, -1)
+    )
+
+    def cdf(value: Tensor) -> Tensor:  # [N, T, Q] -> [N, T, Q]
+        flat = value.to(outputs.dtype).movedim(-1, 1).reshape(num_points * num_levels, -1)
+        probs = criterion.cdf(folded, flat).mean(0).double()  # [N * Q, T]
+        return probs.reshape(num_points, num_levels, -1).movedim(1, -1)
+
+    return bisect_quantiles(cdf, low, high, tau).to(means.dtype)

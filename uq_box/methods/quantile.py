@@ -14,6 +14,7 @@ epistemic part, so ``aleatoric_uct = pred_uct`` and ``epistemic_uct = 0``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -24,7 +25,7 @@ from uq_box.methods.predictive import regression_predictive
 
 DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
 
-__all__ = ["DEFAULT_QUANTILES", "QuantileRegression"]
+__all__ = ["DEFAULT_QUANTILES", "QuantileRegression", "interpolate_quantiles"]
 
 
 class QuantileRegression(RegressionTask, Deterministic):
@@ -34,7 +35,8 @@ class QuantileRegression(RegressionTask, Deterministic):
     ``aleatoric_uct`` = Gaussian-equivalent std of the outer quantiles, ``epistemic_uct`` = 0,
     ``samples`` ``[1, N, T]``) plus ``lower``/``upper`` (the outer quantiles, ``[N, T]``) and
     ``quantiles`` (``[N, Q]`` for one target, ``[N, T, Q]`` for several), sorted along the levels
-    so that they never cross. The validation and test metrics add ``coverage`` (fraction of
+    so that they never cross; with ``quantile_levels`` set, ``quantiles`` ``[N, T, Q]`` at those
+    levels instead, linear between the predicted ones (:func:`interpolate_quantiles`). The validation and test metrics add ``coverage`` (fraction of
     targets in ``[lower, upper]``, nominally ``q_hi - q_lo``) and ``pinball`` to the Gaussian ones.
 
     Args:
@@ -116,5 +118,31 @@ class QuantileRegression(RegressionTask, Deterministic):
         quantiles = self.criterion.quantile_outputs(outputs).mean(0)  # [N, T, Q]
         preds["lower"] = quantiles[..., 0]
         preds["upper"] = quantiles[..., -1]
-        preds["quantiles"] = quantiles.squeeze(-2) if quantiles.shape[-2] == 1 else quantiles
+        if self.quantile_levels is None:
+            preds["quantiles"] = quantiles.squeeze(-2) if quantiles.shape[-2] == 1 else quantiles
+        else:
+            preds["quantiles"] = interpolate_quantiles(
+                quantiles, self.criterion.quantiles, self.quantile_levels
+            )
         return preds
+
+
+def interpolate_quantiles(
+    quantiles: Tensor, grid: tuple[float, ...], levels: tuple[float, ...]
+) -> Tensor:
+    """Quantiles ``[N, T, Q]`` at ``levels``, linear between the predicted ones ``[N, T, K]`` at
+    the increasing ``grid``; a level outside ``[grid[0], grid[-1]]`` is an error (the network
+    says nothing about the tails beyond its outer levels).
+    """
+    outside = [level for level in levels if not grid[0] <= level <= grid[-1]]
+    if outside:
+        raise ValueError(
+            f"`quantile_levels` {list(levels)} must lie within the levels QuantileRegression "
+            f"predicts, [{grid[0]}, {grid[-1]}] (`quantiles`={list(grid)}); got {outside}"
+        )
+    knots = quantiles.new_tensor(grid)
+    tau = quantiles.new_tensor(levels)
+    right = torch.searchsorted(knots, tau).clamp(1, len(grid) - 1)
+    weight = (tau - knots[right - 1]) / (knots[right] - knots[right - 1])
+    low, high = quantiles[..., right - 1], quantiles[..., right]
+    return low + weight * (high - low)

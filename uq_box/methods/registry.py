@@ -44,6 +44,7 @@ from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression
 from uq_box.methods.mc_dropout import MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
+from uq_box.methods.recalibration import IsotonicRecalibration, StdScaling
 from uq_box.methods.sgmcmc import (
     PSGLDClassification,
     PSGLDRegression,
@@ -271,6 +272,12 @@ METHODS: tuple[MethodEntry, ...] = (
         base=_QUANTILE,
         stochastic=False,
         label="ConformalRegression[Quantile]",
+    ),
+    MethodEntry(StdScaling, {"quantile_levels": [0.1, 0.5, 0.9]}, base=_MVE, stochastic=False),
+    MethodEntry(
+        IsotonicRecalibration,
+        {"quantile_levels": [0.1, 0.5, 0.9], "num_levels": 200},
+        base=MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2),
     ),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(

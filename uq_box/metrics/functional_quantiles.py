@@ -11,12 +11,13 @@ contract's ``quantiles``. :func:`mixture_cdf` is the forward map, the PIT value 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "bisect_quantiles",
     "check_levels",
     "gaussian_quantiles",
     "mixture_cdf",
@@ -116,12 +117,38 @@ def mixture_quantiles(
     sigma = stds.double().expand_as(means).unsqueeze(-1)
     component = mu + sigma * torch.special.ndtri(tau)  # [S, *shape, Q]
     low, high = component.amin(0), component.amax(0)
-    for _ in range(BISECTION_STEPS if means.shape[0] > 1 else 0):
+    if means.shape[0] == 1:
+        return low.to(means.dtype)
+    return bisect_quantiles(lambda value: mixture_cdf(mu, sigma, value), low, high, tau).to(
+        means.dtype
+    )
+
+
+def bisect_quantiles(
+    cdf: Callable[[Tensor], Tensor],
+    low: Tensor,
+    high: Tensor,
+    levels: Tensor,
+    steps: int = BISECTION_STEPS,
+) -> Tensor:
+    """Invert a non-decreasing ``cdf`` by bisection, every value at once.
+
+    Args:
+        cdf: maps values ``[*shape, Q]`` to probabilities of the same shape.
+        low: a lower bracket ``[*shape, Q]``, ``cdf(low) <= levels``.
+        high: an upper bracket, ``cdf(high) >= levels``.
+        levels: ``[Q]`` (broadcast against the last dimension).
+        steps: a fixed number of halvings (no data-dependent control flow: runs under vmap).
+
+    Returns:
+        The midpoint of the final bracket, ``[*shape, Q]``.
+    """
+    for _ in range(steps):
         middle = 0.5 * (low + high)
-        below = mixture_cdf(mu, sigma, middle) < tau
+        below = cdf(middle) < levels
         low = torch.where(below, middle, low)
         high = torch.where(below, high, middle)
-    return (0.5 * (low + high)).to(means.dtype)
+    return 0.5 * (low + high)
 
 
 def sample_quantiles(

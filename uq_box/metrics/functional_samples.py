@@ -28,13 +28,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from uq_box.checks import number_in, positive_finite
+from uq_box.checks import int_at_least, number_in, positive_finite
+from uq_box.metrics.functional import _area_from_proportions
 from uq_box.metrics.functional_quantiles import check_levels
 
 __all__ = [
     "energy_score",
     "interval_score",
     "interval_width",
+    "pit_calibration_curve",
+    "pit_miscalibration_area",
     "quantile_calibration",
     "quantile_coverage",
     "quantile_pinball",
@@ -280,3 +283,28 @@ def interval_score(
     below = (lower - target).clamp_min(0.0)
     above = (target - upper).clamp_min(0.0)
     return _reduce((upper - lower) + penalty * (below + above), reduction)
+
+
+def pit_calibration_curve(pit: Tensor, num_bins: int = 100) -> tuple[Tensor, Tensor]:
+    """Expected levels ``p`` (``linspace(0, 1, num_bins)``) and the observed fraction of PIT
+    values ``F(y | x) <= p``: the quantile calibration curve of any predictive CDF (Kuleshov et
+    al. 2018), the diagonal when calibrated.
+
+    Args:
+        pit: the predictive CDF at each target, ``[N]`` or ``[N, T]``, in ``[0, 1]``.
+        num_bins: number of levels, at least 2.
+    """
+    _tensor(pit, "pit")
+    int_at_least(num_bins, "num_bins", 2)
+    values = pit.reshape(-1).double().sort().values
+    expected = torch.linspace(0.0, 1.0, num_bins, dtype=torch.float64, device=pit.device)
+    observed = torch.searchsorted(values, expected, right=True).double() / values.numel()
+    return expected.to(pit.dtype), observed.to(pit.dtype)
+
+
+def pit_miscalibration_area(pit: Tensor, num_bins: int = 100) -> Tensor:
+    """Area between :func:`pit_calibration_curve` and the diagonal (0: calibrated, at most 0.5),
+    computed as :func:`uq_box.metrics.functional.miscalibration_area` computes its own.
+    """
+    expected, observed = pit_calibration_curve(pit, num_bins)
+    return _area_from_proportions(expected.double(), observed.double()).to(pit.dtype)

@@ -9,6 +9,7 @@ from uq_box.viz.classification import (
 from uq_box.viz.comparison import plot_predictions_comparison
 from uq_box.viz.mcmc import plot_traces
 from uq_box.viz.ood import ood_roc_curve, plot_ood_detection
+from uq_box.viz.recalibration import plot_recalibration
 from uq_box.viz.regression import (
     plot_calibration,
     plot_predictions_regression,
@@ -26,6 +27,7 @@ __all__ = [
     "plot_ood_detection",
     "plot_predictions_comparison",
     "plot_predictions_regression",
+    "plot_recalibration",
     "plot_reliability_diagram",
     "plot_risk_coverage",
     "plot_rotated_examples",
