@@ -40,6 +40,18 @@ from uq_box.methods.deterministic import (
     DeterministicRegression,
     MVERegression,
 )
+from uq_box.methods.efficient_ensembles import (
+    BatchEnsembleClassification,
+    BatchEnsembleRegression,
+    MasksemblesClassification,
+    MasksemblesRegression,
+    MIMOClassification,
+    MIMORegression,
+    PackedEnsembleClassification,
+    PackedEnsembleRegression,
+    Rank1BNNClassification,
+    Rank1BNNRegression,
+)
 from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression
 from uq_box.methods.mc_dropout import MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
@@ -299,6 +311,16 @@ METHODS: tuple[MethodEntry, ...] = (
         base=_DEEP_ENSEMBLE_CLASSIFICATION,
         label="StackedRuns[DeepEnsembleClassification]",
     ),
+    MethodEntry(BatchEnsembleRegression, {"num_members": 2}, n_outputs=2),
+    MethodEntry(BatchEnsembleClassification, {"num_members": 2}),
+    MethodEntry(Rank1BNNRegression, {"num_members": 2, "num_mc_samples_test": 2}, n_outputs=2),
+    MethodEntry(Rank1BNNClassification, {"num_members": 2}),
+    MethodEntry(MasksemblesRegression, {"num_members": 2, "scale": 2.0}, n_outputs=2),
+    MethodEntry(MasksemblesClassification, {"num_members": 2}),
+    MethodEntry(PackedEnsembleRegression, {"num_members": 2}, n_outputs=2),
+    MethodEntry(PackedEnsembleClassification, {"num_members": 2, "alpha": 2, "gamma": 1}),
+    MethodEntry(MIMORegression, {"num_members": 2}, n_outputs=2),
+    MethodEntry(MIMOClassification, {"num_members": 2, "input_repetition": 0.25}),
     MethodEntry(
         LaplaceRegression,
         {"num_mc_samples_test": 4},
