@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from uq_box.methods.base import ClassificationTask, UQMethod  # noqa: E402
+from uq_box.methods.binary import BinaryClassificationTask  # noqa: E402
 from uq_box.viz import (  # noqa: E402
     plot_calibration,
     plot_decision_surface,
@@ -80,7 +81,7 @@ def write_report(
     report = _Report(run_dir / "report", title or type(model).__name__)
     report.folder.mkdir(parents=True, exist_ok=True)
     (run_dir / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-    if isinstance(model, ClassificationTask):
+    if isinstance(model, ClassificationTask | BinaryClassificationTask):
         _training_metrics_plot(report, run_dir)
         _classification_plots(report, model, datamodule)
     else:
@@ -162,8 +163,14 @@ def _prediction_grid(datamodule: LightningDataModule) -> tuple[Tensor, Tensor]:
 def _classification_plots(
     report: _Report, model: UQMethod, datamodule: LightningDataModule
 ) -> None:
-    """The decision surface (2-D inputs with a ``grid``) and the reliability diagram."""
+    """The decision surface (2-D inputs with a ``grid``) and the reliability diagram (a binary
+    classifier's ``pred [N, 1]`` is ``P(class 1)``, plotted as two classes; multilabel
+    predictions are not plotted).
+    """
     x_train, y_train = datamodule.X_train, datamodule.Y_train
+    if isinstance(model, BinaryClassificationTask) and y_train.ndim > 1:
+        report.skip("decision surface and reliability", "multilabel targets (one plot per label)")
+        return
     if x_train.shape[1:] == (2,) and hasattr(datamodule, "grid"):
         grid = datamodule.grid()
         grid_preds = model.predict_step(grid)
@@ -171,7 +178,7 @@ def _classification_plots(
             x_train,
             y_train,
             grid,
-            grid_preds["pred"],
+            _class_probabilities(grid_preds["pred"]),
             grid_preds["epistemic_uct"],
             grid_extent=datamodule.grid_extent(),
             title=report.title,
@@ -181,7 +188,15 @@ def _classification_plots(
     else:
         report.skip("decision surface", "needs 2-D inputs and a data module with a `grid`")
     preds = model.predict_step(datamodule.X_test)
-    report.save(plot_reliability_diagram(preds["pred"], datamodule.Y_test), "reliability.png")
+    probs = _class_probabilities(preds["pred"])
+    report.save(plot_reliability_diagram(probs, datamodule.Y_test), "reliability.png")
+
+
+def _class_probabilities(pred: Tensor) -> Tensor:
+    """Softmax probabilities ``[N, C]`` as they are; a binary ``P(class 1)`` ``[N, 1]`` as
+    ``[N, 2]``.
+    """
+    return torch.cat([1.0 - pred, pred], dim=-1) if pred.shape[-1] == 1 else pred
 
 
 def _write_index(report: _Report, test_metrics: dict[str, float]) -> None:

@@ -54,10 +54,22 @@ def toy_arrays(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     return x, y, labels
 
 
-def array_datamodule(task: str, seed: int = 0, batch_size: int = BATCH_SIZE) -> ArrayDataModule:
-    """Train/val/test (and, for regression, calib = val) splits of :func:`toy_arrays`."""
+def binary_labels(x: Tensor, num_labels: int | None) -> Tensor:
+    """Labels in {0, 1}: ``[N]`` (binary, ``num_labels`` None) or ``[N, L]`` (multilabel)."""
+    thresholds = torch.linspace(-0.5, 0.5, num_labels or 1)
+    labels = (x[:, :1] + 0.3 * x[:, 1:2] > thresholds).long()
+    return labels[:, 0] if num_labels is None else labels
+
+
+def array_datamodule(
+    task: str, seed: int = 0, batch_size: int = BATCH_SIZE, num_labels: int | None = None
+) -> ArrayDataModule:
+    """Train/val/test (and, for regression, calib = val) splits of :func:`toy_arrays` (binary
+    tasks: :func:`binary_labels`)."""
     x, y, labels = toy_arrays(seed)
     t = y if task == "regression" else labels
+    if task == "binary":
+        t = binary_labels(x, num_labels)
     a, b = N_TRAIN, N_TRAIN + N_VAL
     calib = {"X_calib": x[a:b], "y_calib": t[a:b]} if task == "regression" else {}
     return ArrayDataModule(
@@ -70,13 +82,14 @@ def datamodule(entry: MethodEntry, batch_size: int = BATCH_SIZE):
     if entry.stacked:
         modules = [array_datamodule(entry.task, k, batch_size) for k in range(entry.num_runs)]
         return StackedDataModule(modules)
-    return array_datamodule(entry.task, batch_size=batch_size)
+    return array_datamodule(entry.task, batch_size=batch_size, num_labels=entry.num_labels)
 
 
 def network(entry: MethodEntry, width: int | None = None) -> nn.Module:
-    """A fresh ``MLP(2, [8], width)`` (with dropout where the method needs it)."""
+    """A fresh ``MLP(2, [8], width)`` (with dropout or BatchNorm where the method needs it)."""
     width = entry.width(NUM_CLASSES) if width is None else width
-    return MLP(2, [8], width, dropout_p=0.2 if entry.leaf.dropout else 0.0)
+    dropout_p = 0.2 if entry.leaf.dropout else 0.0
+    return MLP(2, [8], width, dropout_p=dropout_p, batch_norm=entry.leaf.batch_norm)
 
 
 def predict_inputs() -> Tensor:
@@ -182,7 +195,9 @@ def check_contract(
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), key
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    if entry.task == "regression":
+    if entry.task == "binary":
+        check_binary_contract(preds, entry.width(num_classes), n, num_samples, tol)
+    elif entry.task == "regression":
         assert REGRESSION_KEYS <= set(preds), sorted(preds)
         for key in REGRESSION_KEYS:
             assert preds[key].shape == (n, 1), (key, preds[key].shape)
@@ -229,6 +244,33 @@ def check_contract(
         assert (epistemic > 0).any(), "the samples or members do not differ"
     else:
         assert (epistemic == 0).all(), "one network, no epistemic part"
+
+
+def binary_entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp_min(1e-30).log() + (1 - p) * (1 - p).clamp_min(1e-30).log())
+
+
+def check_binary_contract(preds, num_labels, n, num_samples, tol) -> None:
+    """Binary / multilabel: ``pred`` the mean sigmoid ``[N, L]``; per label ``h(pbar) = mean_s
+    h(p_s) + MI``, the ``[N]`` keys the sums over the labels."""
+    keys = CLASSIFICATION_KEYS | {f"{k}_per_label" for k in ("pred_uct", "aleatoric_uct")}
+    assert keys <= set(preds), sorted(preds)
+    pred, logits = preds["pred"], preds["logits"]
+    assert pred.shape == (n, num_labels), pred.shape
+    assert logits.ndim == 3 and logits.shape[1:] == (n, num_labels), logits.shape
+    if num_samples is not None:
+        assert logits.shape[0] == num_samples
+    probs = logits.sigmoid()
+    torch.testing.assert_close(pred, probs.mean(0), **tol)
+    total = binary_entropy(pred)
+    aleatoric = binary_entropy(probs).mean(0)
+    for key, value in (("pred_uct", total), ("aleatoric_uct", aleatoric)):
+        torch.testing.assert_close(preds[f"{key}_per_label"], value, **tol)
+        torch.testing.assert_close(preds[key], value.sum(-1), **tol)
+    torch.testing.assert_close(
+        preds["pred_uct"], preds["aleatoric_uct"] + preds["epistemic_uct"], **tol
+    )
+    assert (preds["pred_uct"] <= num_labels * math.log(2) + 1e-5).all()
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -297,6 +339,16 @@ def bad_inputs(entry: MethodEntry) -> list[BadInput]:
                 lambda: _fast_fit(entry, entry.build(network(entry, width))),
                 ValueError,
                 ("`n_outputs`", str(width), f"{leaf.n_outputs}"),
+            )
+        )
+    elif leaf.task == "binary":
+        width = leaf.width(NUM_CLASSES) + 1
+        cases.append(
+            BadInput(
+                "network_one_output_too_many",
+                lambda: _fast_fit(entry, entry.build(network(entry, width))),
+                ValueError,
+                ("`n_outputs`", f"gives {width} outputs"),
             )
         )
     else:

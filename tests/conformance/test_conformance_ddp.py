@@ -54,6 +54,9 @@ SCRIPT = textwrap.dedent(
             return StackedDataModule([data(item.base, k) for k in range(item.num_runs)])
         x, y, labels = arrays(seed)
         t = y if item.task == "regression" else labels
+        if item.task == "binary":  # labels in {{0, 1}}: [N], or [N, L] for multilabel
+            t = (x[:, :1] > torch.linspace(-0.5, 0.5, item.num_labels or 1)).long()
+            t = t[:, 0] if item.num_labels is None else t
         n = N_TRAIN
         return ArrayDataModule(x[:n], t[:n], x[n:], t[n:], batch_size=8, seed=0)
 
@@ -75,7 +78,8 @@ SCRIPT = textwrap.dedent(
         item = entry(name)
         seed_everything(0)
         dropout = 0.2 if item.leaf.dropout else 0.0
-        method = item.build(MLP(2, [8], item.width(NUM_CLASSES), dropout_p=dropout))
+        width = item.width(NUM_CLASSES)
+        method = item.build(MLP(2, [8], width, dropout_p=dropout, batch_norm=item.leaf.batch_norm))
         record = Record()
         trainer = Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,

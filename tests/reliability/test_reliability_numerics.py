@@ -91,7 +91,8 @@ def fit(method_name, x, y, network_dtype=torch.float32):
     seed_everything(0)
     item = entry(method_name)
     dropout_p = 0.1 if item.dropout else 0.0
-    method = item.build(MLP(3, [16], item.width(1), dropout_p=dropout_p).to(network_dtype))
+    network = MLP(3, [16], item.width(1), dropout_p=dropout_p, batch_norm=item.batch_norm)
+    method = item.build(network.to(network_dtype))
     dm = datamodule(x, y)
     trainer(max_epochs=4).fit(method, dm)
     metrics = trainer().test(method, dm, verbose=False)[0]

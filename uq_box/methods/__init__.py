@@ -5,6 +5,15 @@ The contract, the hooks a method implements and how to add one:
 """
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
+from uq_box.methods.binary import (
+    BinaryClassificationTask,
+    BNNVIBinaryClassification,
+    DeepEnsembleBinaryClassification,
+    DeterministicBinaryClassification,
+    MCBatchNormBinaryClassification,
+    MCDropoutBinaryClassification,
+    TTABinaryClassification,
+)
 from uq_box.methods.bnn_vi import BNNVI, BNNVIClassification, BNNVIRegression
 from uq_box.methods.calibrators import (
     DirichletCalibration,
@@ -43,6 +52,11 @@ from uq_box.methods.efficient_ensembles import (
     Rank1BNNRegression,
 )
 from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegression
+from uq_box.methods.mc_batchnorm import (
+    MCBatchNormClassification,
+    MCBatchNormMethod,
+    MCBatchNormRegression,
+)
 from uq_box.methods.mc_dropout import (
     MCDropoutClassification,
     MCDropoutMethod,
@@ -64,12 +78,15 @@ from uq_box.methods.sgmcmc import (
 )
 from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
+from uq_box.methods.tta import TTAClassification, TTAMethod, TTARegression
 
 __all__ = [
     "BNNVI",
     "ConformalRegression",
+    "BNNVIBinaryClassification",
     "BNNVIClassification",
     "BNNVIRegression",
+    "BinaryClassificationTask",
     "BatchEnsemble",
     "BatchEnsembleClassification",
     "BatchEnsembleRegression",
@@ -88,9 +105,11 @@ __all__ = [
     "ClassificationTask",
     "ConformalClassification",
     "DeepEnsemble",
+    "DeepEnsembleBinaryClassification",
     "DeepEnsembleClassification",
     "DeepEnsembleRegression",
     "Deterministic",
+    "DeterministicBinaryClassification",
     "DeterministicClassification",
     "DeterministicRegression",
     "DirichletCalibration",
@@ -100,6 +119,11 @@ __all__ = [
     "Laplace",
     "LaplaceClassification",
     "LaplaceRegression",
+    "MCBatchNormBinaryClassification",
+    "MCBatchNormClassification",
+    "MCBatchNormMethod",
+    "MCBatchNormRegression",
+    "MCDropoutBinaryClassification",
     "MCDropoutClassification",
     "MCDropoutMethod",
     "MCDropoutRegression",
@@ -122,6 +146,10 @@ __all__ = [
     "StdScaling",
     "SWAGClassification",
     "SWAGRegression",
+    "TTABinaryClassification",
+    "TTAClassification",
+    "TTAMethod",
+    "TTARegression",
     "TemperatureScaling",
     "UQMethod",
     "VectorScaling",

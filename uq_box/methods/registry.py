@@ -25,6 +25,15 @@ from lightning import LightningModule
 from torch import nn
 
 from uq_box.methods.base import ClassificationTask, RegressionTask, UQMethod
+from uq_box.methods.binary import (
+    BinaryClassificationTask,
+    BNNVIBinaryClassification,
+    DeepEnsembleBinaryClassification,
+    DeterministicBinaryClassification,
+    MCBatchNormBinaryClassification,
+    MCDropoutBinaryClassification,
+    TTABinaryClassification,
+)
 from uq_box.methods.bnn_vi import BNNVIClassification, BNNVIRegression
 from uq_box.methods.calibrators import (
     DirichletCalibration,
@@ -53,6 +62,7 @@ from uq_box.methods.efficient_ensembles import (
     Rank1BNNRegression,
 )
 from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression
+from uq_box.methods.mc_batchnorm import MCBatchNormClassification, MCBatchNormRegression
 from uq_box.methods.mc_dropout import MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
@@ -69,6 +79,7 @@ from uq_box.methods.sgmcmc import (
 )
 from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAGClassification, SWAGRegression
+from uq_box.methods.tta import TTAClassification, TTARegression
 
 __all__ = ["METHODS", "MethodEntry", "entry", "is_concrete_method"]
 
@@ -85,8 +96,11 @@ class MethodEntry:
         kwargs: plain constructor arguments (numbers, strings, lists), so that the CLI takes
             them as they are; small: few Monte Carlo samples, members and stored samples.
         n_outputs: network outputs per regression target (``None`` for classification: one per
-            class).
+            class; binary: one, multilabel: ``num_labels``).
         dropout: the backbone needs dropout layers (MC dropout).
+        batch_norm: the backbone needs BatchNorm layers (MC BatchNorm).
+        num_labels: a binary-task entry fitted on multilabel data with this many labels
+            (targets ``[N, L]``; ``None``: binary targets ``[N]``).
         stochastic: predictions come from several differing samples or members
             (``epistemic_uct > 0``); ``False``: one network, ``epistemic_uct == 0``.
         base: the wrapped method, for a post-hoc wrapper or :class:`StackedRuns`.
@@ -104,6 +118,8 @@ class MethodEntry:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     n_outputs: int | None = None
     dropout: bool = False
+    batch_norm: bool = False
+    num_labels: int | None = None
     stochastic: bool = True
     base: MethodEntry | None = None
     num_runs: int = 2
@@ -123,8 +139,10 @@ class MethodEntry:
 
     @property
     def task(self) -> str:
-        """``"regression"`` or ``"classification"``."""
+        """``"regression"``, ``"classification"`` or ``"binary"`` (binary and multilabel)."""
         cls = self.base.cls if self.stacked else self.cls
+        if issubclass(cls, BinaryClassificationTask):
+            return "binary"
         return "regression" if issubclass(cls, RegressionTask) else "classification"
 
     @property
@@ -157,7 +175,7 @@ class MethodEntry:
     @property
     def cli(self) -> bool:
         """``uq-box fit`` takes it (a :class:`UQMethod` that trains)."""
-        return self.trains and issubclass(self.cls, UQMethod)
+        return self.trains and issubclass(self.cls, UQMethod) and self.num_labels is None
 
     @property
     def leaf(self) -> MethodEntry:
@@ -165,8 +183,10 @@ class MethodEntry:
         return self if self.base is None else self.base.leaf
 
     def width(self, num_classes: int) -> int:
-        """The backbone's output width: ``n_outputs`` per target, or one per class."""
+        """The backbone's output width: ``n_outputs`` per target, one per class or label."""
         leaf = self.leaf
+        if leaf.task == "binary":
+            return leaf.num_labels or 1
         return num_classes if leaf.task == "classification" else leaf.n_outputs
 
     def objects(self, network: nn.Module) -> dict[str, Any]:
@@ -207,6 +227,11 @@ _MC_DROPOUT_REGRESSION = MethodEntry(
 _DEEP_ENSEMBLE_CLASSIFICATION = MethodEntry(
     DeepEnsembleClassification, {"num_members": 2}, backbone_table=True
 )
+
+#: TTA's transform in the entries: a random one, S copies of the batch in one call
+_NOISE = {
+    "transforms": {"class_path": "uq_box.methods.tta.GaussianNoise", "init_args": {"std": 0.2}}
+}
 
 #: Every method class and task, built small. Add one entry per new class.
 METHODS: tuple[MethodEntry, ...] = (
@@ -331,6 +356,25 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry(
         LaplaceClassification, {"num_mc_samples_test": 4}, backbone_table=True, laplace=True
     ),
+    MethodEntry(MCBatchNormRegression, {"num_mc_samples_test": 4}, n_outputs=2, batch_norm=True),
+    MethodEntry(MCBatchNormClassification, {"num_mc_samples_test": 4}, batch_norm=True),
+    MethodEntry(TTARegression, {**_NOISE, "num_mc_samples_test": 4}, n_outputs=2),
+    MethodEntry(TTAClassification, {**_NOISE, "num_mc_samples_test": 4}),
+    MethodEntry(DeterministicBinaryClassification, stochastic=False),
+    MethodEntry(MCDropoutBinaryClassification, {"num_mc_samples_test": 4}, dropout=True),
+    MethodEntry(DeepEnsembleBinaryClassification, {"num_members": 2}),
+    MethodEntry(
+        DeepEnsembleBinaryClassification,
+        {"num_members": 2},
+        num_labels=3,
+        label="DeepEnsembleBinaryClassification[multilabel]",
+    ),
+    MethodEntry(
+        BNNVIBinaryClassification,
+        {"num_mc_samples_train": 2, "num_mc_samples_test": 4, "prior": 0.5},
+    ),
+    MethodEntry(MCBatchNormBinaryClassification, {"num_mc_samples_test": 4}, batch_norm=True),
+    MethodEntry(TTABinaryClassification, {**_NOISE, "num_mc_samples_test": 4}),
 )
 
 
@@ -348,5 +392,5 @@ def is_concrete_method(obj: object) -> bool:
         return False
     if issubclass(obj, StackedRuns):
         return True
-    task = issubclass(obj, RegressionTask | ClassificationTask)
-    return task and issubclass(obj, UQMethod) and obj not in (RegressionTask, ClassificationTask)
+    tasks = (RegressionTask, ClassificationTask, BinaryClassificationTask)
+    return issubclass(obj, tasks) and issubclass(obj, UQMethod) and obj not in tasks

@@ -13,7 +13,8 @@ class MLP(nn.Module):
     """Multi-layer perceptron: ``Linear -> activation -> Dropout`` per hidden layer, then ``Linear``.
 
     With ``dropout_p=0`` the dropout slots hold ``nn.Identity`` (same layer indices, no
-    dropout call per forward).
+    dropout call per forward). With ``batch_norm=True`` every hidden layer is
+    ``Linear -> BatchNorm1d -> activation -> Dropout`` (e.g. for MC BatchNorm).
 
     Args:
         n_inputs: input features.
@@ -21,6 +22,7 @@ class MLP(nn.Module):
         n_outputs: outputs (2 for a mean and a scale with :class:`uq_box.losses.NLL`).
         activation_fn: activation module used after every hidden layer.
         dropout_p: dropout probability after every hidden layer.
+        batch_norm: a ``BatchNorm1d`` after every hidden ``Linear``.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class MLP(nn.Module):
         n_outputs: int = 1,
         activation_fn: nn.Module | None = None,
         dropout_p: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         positive_int(n_inputs, "n_inputs")
@@ -43,7 +46,8 @@ class MLP(nn.Module):
         for hidden in n_hidden:
             # without dropout an identity keeps the layer indices (and module names) the same
             dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
-            layers += [nn.Linear(width, hidden), activation_fn, dropout]
+            norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+            layers += [nn.Linear(width, hidden), *norm, activation_fn, dropout]
             width = hidden
         layers.append(nn.Linear(width, n_outputs))
         self.model = nn.Sequential(*layers)
