@@ -23,6 +23,7 @@ from uq_box.methods.calibrators import (
     VectorScaling,
 )
 from uq_box.methods.conformal_classification import ConformalClassification
+from uq_box.methods.ddu import DDU, DDUClassification
 from uq_box.methods.deep_ensemble import (
     DeepEnsemble,
     DeepEnsembleClassification,
@@ -65,6 +66,7 @@ from uq_box.methods.mc_dropout import (
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
 from uq_box.methods.recalibration import IsotonicRecalibration, StdScaling
+from uq_box.methods.sngp import SNGP, SNGPClassification, SNGPRegression
 from uq_box.methods.sgmcmc import (
     SGMCMC,
     PSGLDClassification,
@@ -104,6 +106,8 @@ __all__ = [
     "Rank1BNNRegression",
     "ClassificationTask",
     "ConformalClassification",
+    "DDU",
+    "DDUClassification",
     "DeepEnsemble",
     "DeepEnsembleBinaryClassification",
     "DeepEnsembleClassification",
@@ -142,6 +146,9 @@ __all__ = [
     "SGMCMCClassification",
     "SGMCMCRegression",
     "SWAG",
+    "SNGP",
+    "SNGPClassification",
+    "SNGPRegression",
     "StackedRuns",
     "StdScaling",
     "SWAGClassification",
