@@ -91,6 +91,7 @@ def test_cli_fit_writes_log_metrics_and_report(tmp_path, capsys, monkeypatch):
     metrics = json.loads((run / "test_metrics.json").read_text())
     expected = {
         "test_nll",
+        "test_nll_gaussian",
         "test_rmse",
         "test_crps",
         "test_coverage_95",

@@ -39,6 +39,7 @@ CONFIGS = REPO / "configs" / "toy_heteroscedastic"
 PRED_KEYS = ("pred", "pred_uct", "epistemic_uct", "aleatoric_uct")
 METRIC_KEYS = {
     "test_nll",
+    "test_nll_gaussian",
     "test_rmse",
     "test_crps",
     "test_coverage_95",

@@ -229,6 +229,7 @@ def test_conformal_reaches_nominal_coverage_on_toy_data(toy, name):
     metrics = quiet_trainer().test(conformal, dm, verbose=False)[0]
     assert {
         "test_nll",
+        "test_nll_gaussian",
         "test_rmse",
         "test_crps",
         "test_coverage_95",

@@ -28,7 +28,7 @@ from uq_box.methods.quantile import QuantileRegression
 from uq_box.models import MLP
 
 CONFIG = Path(__file__).parents[2] / "configs" / "toy_heteroscedastic" / "quantile.yaml"
-GAUSSIAN_METRICS = {"nll", "rmse", "crps", "coverage_95", "miscalibration_area"}
+GAUSSIAN_METRICS = {"nll", "nll_gaussian", "rmse", "crps", "coverage_95", "miscalibration_area"}
 
 
 class FixedOutputs(nn.Module):

@@ -119,7 +119,8 @@ def test_prediction_is_one_vectorized_call_equal_to_a_loop(fitted_small):
     x = dm.X_test[:9]
     before = {k: v.clone() for k, v in method.state_dict().items()}
     preds = method.predict_step({"input": x, "target": dm.Y_test[:9]})
-    assert set(preds) == {"pred", "pred_uct", "epistemic_uct", "aleatoric_uct", "samples"}
+    keys = {"pred", "pred_uct", "epistemic_uct", "aleatoric_uct", "samples", "outputs"}
+    assert set(preds) == keys
     assert preds["samples"].shape == (3, 9, 1)
     assert all(preds[k].shape == (9, 1) for k in ("pred", "pred_uct", "epistemic_uct"))
     outputs = method.sample_outputs(x, None)

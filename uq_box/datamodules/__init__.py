@@ -1,6 +1,7 @@
 """Data modules: synthetic toy data, small image data and user arrays, all held in memory."""
 
 from uq_box.datamodules.base import ArrayDataModule, InMemoryLoader, target_resolution
+from uq_box.datamodules.bimodal import ToyBimodalDatamodule
 from uq_box.datamodules.classification import (
     DigitsDatamodule,
     SpiralDatamodule,
@@ -36,6 +37,7 @@ __all__ = [
     "SpiralDatamodule",
     "StackedDataModule",
     "StackedLoader",
+    "ToyBimodalDatamodule",
     "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
     "TwoMoonsDatamodule",

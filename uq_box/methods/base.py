@@ -35,7 +35,7 @@ from uq_box.methods.predictive import (
     update_regression_metrics,
 )
 from uq_box.methods.predictive_classification import classification_predictive
-from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
+from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea, MixtureNLL
 from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, MulticlassNLL
 from uq_box.nn.graph import in_functorch_transform
 
@@ -652,9 +652,15 @@ class RegressionTask:
             )
 
     def build_metrics(self) -> nn.ModuleDict:
-        """NLL, RMSE, CRPS, 95% coverage and miscalibration area."""
+        """NLL, moment-matched Gaussian NLL, RMSE, CRPS, 95% coverage, miscalibration area.
+
+        ``nll`` scores the real predictive density (the criterion's ``log_prob``, mixed over
+        the samples or members: :class:`~uq_box.metrics.MixtureNLL`); ``nll_gaussian`` the
+        Gaussian with the predictive mean and std (the same for one Gaussian network).
+        """
         metrics: dict[str, Metric] = {
-            "nll": GaussianNLL(),
+            "nll": MixtureNLL(),
+            "nll_gaussian": GaussianNLL(),
             "rmse": MeanSquaredError(squared=False),
             "crps": CRPS(),
             "coverage_95": IntervalCoverage(level=0.95),

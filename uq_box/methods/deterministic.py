@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from uq_box.checks import non_negative_int
-from uq_box.losses import MSE, NLL
+from uq_box.losses import MSE, Likelihood
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
@@ -57,15 +57,21 @@ class DeterministicRegression(RegressionTask, Deterministic):
 
 
 class MVERegression(RegressionTask, Deterministic):
-    """Mean-variance estimation: a mean and a scale output, Gaussian NLL (default ``NLL()``)."""
+    """Mean-variance estimation: a mean and a scale output, Gaussian NLL (default ``NLL()``).
+
+    Any heteroscedastic likelihood family of :mod:`uq_box.losses` may replace the Gaussian:
+    ``NLL(beta=0.5)`` (beta-NLL), ``StudentTNLL()``, ``LaplaceNLL()``, ``LogNormalNLL()`` (the
+    network then gives that family's ``num_outputs`` per target).
+    """
 
     def check_criterion(self, criterion: nn.Module) -> None:
-        """The criterion must predict a noise level."""
+        """The criterion must predict a noise level: a likelihood family, not a fixed-std NLL."""
         super().check_criterion(criterion)
-        if not isinstance(criterion, NLL) or criterion.std is not None:
+        if not isinstance(criterion, Likelihood) or getattr(criterion, "std", None) is not None:
             raise ValueError(
-                f"`criterion` of MVERegression must be a heteroscedastic uq_box.losses.NLL(), "
-                f"got {criterion!r}"
+                f"`criterion` of MVERegression must be a heteroscedastic uq_box.losses.NLL() or "
+                f"another likelihood family of uq_box.losses (StudentTNLL(), LaplaceNLL(), "
+                f"LogNormalNLL(), ...), got {criterion!r}"
             )
 
 

@@ -283,7 +283,8 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
     ``quantile_levels`` set, ``quantiles`` ``[N, T, Q]`` are those of the Gaussian centred on the
     interval with that std (its ``alpha / 2`` and ``1 - alpha / 2`` quantiles are the conformal
     bounds). Other keys
-    (``samples``, a quantile model's ``quantiles``) are the wrapped method's, uncalibrated.
+    (``samples``, a quantile model's ``quantiles``) are the wrapped method's, uncalibrated; the
+    raw ``outputs`` are dropped, so the ``nll`` metric scores the calibrated Gaussian.
 
     Test metrics: the Gaussian ones on ``pred``/``pred_uct`` plus ``coverage`` (fraction of
     targets in ``[lower, upper]``, nominally ``1 - alpha``) and ``interval_width``. Several
@@ -387,6 +388,9 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
         x, _ = unpack_batch(batch)
         with torch.no_grad():
             preds = dict(self.model.predict_step(x))
+            # the raw outputs describe the uncalibrated density: `nll` scores the calibrated
+            # Gaussian (pred, pred_uct) instead
+            preds.pop("outputs", None)
             pred, old_std = preds["pred"], preds["pred_uct"]
             quantile = self.conformal_quantile.to(pred.dtype)
             if self.score == "cqr":

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from uq_box.losses import pinball_loss
+from uq_box.losses import gaussian_nll_loss, pinball_loss
+from uq_box.metrics.density import MixtureNLL
 from uq_box.metrics.functional_quantiles import (
     bisect_quantiles,
     check_levels,
@@ -20,9 +21,11 @@ def regression_predictive(
 ) -> dict[str, Tensor]:
     """Moments of the Gaussian mixture over ``S`` samples, with the uncertainty split.
 
-    Each sample ``s`` gives a Gaussian ``N(mu_s, sigma_s^2)`` (``sigma_s`` from the criterion; none
-    for a mean-only network). The mixture has mean ``mean_s mu_s`` and variance
-    ``mean_s sigma_s^2`` (aleatoric) ``+ var_s mu_s`` (epistemic), the law of total variance.
+    Each sample ``s`` gives a distribution of mean ``mu_s`` and std ``sigma_s`` (the criterion's
+    ``mean_and_std``; a Gaussian for ``NLL``, none for a mean-only network). The mixture has mean
+    ``mean_s mu_s`` and variance ``mean_s sigma_s^2`` (aleatoric) ``+ var_s mu_s`` (epistemic),
+    the law of total variance. A criterion with ``variance_split`` (deep evidential regression)
+    splits each sample's variance itself: its epistemic part joins ``var_s mu_s``.
 
     Args:
         outputs: raw network outputs ``[S, N, O]``.
@@ -31,12 +34,18 @@ def regression_predictive(
 
     Returns:
         ``pred``, ``pred_uct`` (total std), ``epistemic_uct``, ``aleatoric_uct`` (stds), each
-        ``[N, T]`` for ``T`` targets, and ``samples`` ``[S, N, T]`` (the sampled means).
+        ``[N, T]`` for ``T`` targets, ``samples`` ``[S, N, T]`` (the sampled means) and, when the
+        criterion has a density (``log_prob``), ``outputs``: the raw outputs ``[S, N, O]``,
+        from which the ``nll`` metric reads the real predictive density.
     """
     means, stds = criterion_mean_and_std(criterion, outputs)
     pred = means.mean(0)
     epistemic_var = means.var(0, unbiased=False)
-    if stds is not None:
+    if hasattr(criterion, "variance_split"):
+        sample_aleatoric, sample_epistemic = criterion.variance_split(outputs)
+        aleatoric_var = sample_aleatoric.mean(0)
+        epistemic_var = epistemic_var + sample_epistemic.mean(0)
+    elif stds is not None:
         aleatoric_var = (stds**2).mean(0)
     elif noise_std is not None:
         aleatoric_var = noise_std.to(pred.dtype) ** 2
@@ -49,7 +58,20 @@ def regression_predictive(
         "epistemic_uct": epistemic_var.sqrt(),
         "aleatoric_uct": aleatoric_var.sqrt(),
         "samples": means,
+        **({"outputs": outputs} if hasattr(criterion, "log_prob") else {}),
     }
+
+
+def predictive_log_probs(preds: dict[str, Tensor], target: Tensor, criterion: nn.Module) -> Tensor:
+    """Per-sample log-densities ``[S, N, T]`` of ``target`` under a regression prediction.
+
+    The criterion's ``log_prob`` of the raw ``outputs`` when the prediction carries them (the
+    real predictive density is their equal-weight mixture); otherwise (a mean-only network, a
+    Laplace GLM predictive, a conformal interval) the Gaussian ``(pred, pred_uct)`` as one sample.
+    """
+    if "outputs" in preds and hasattr(criterion, "log_prob"):
+        return criterion.log_prob(preds["outputs"], target)
+    return -gaussian_nll_loss(preds["pred"], preds["pred_uct"], target).unsqueeze(0)
 
 
 def criterion_mean_and_std(criterion: nn.Module, outputs: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -77,12 +99,16 @@ def update_regression_metrics(
     ``rmse``: the mean ``pred``; ``coverage``: whether the target lies in ``[lower, upper]``;
     ``interval_width``: ``upper - lower``; ``pinball``: the pinball loss of the predicted
     ``quantiles`` at ``quantile_levels`` (the method's, when it was asked for quantiles) or else
-    the criterion's ``levels``; any other name: the Gaussian
-    ``(pred, pred_uct, target)`` (NLL, CRPS, coverage of a Gaussian interval, calibration).
+    the criterion's ``levels``; a :class:`~uq_box.metrics.MixtureNLL`
+    (``nll``): the per-sample log-densities of :func:`predictive_log_probs`; any other name: the
+    Gaussian ``(pred, pred_uct, target)`` (``nll_gaussian``, CRPS, coverage of a Gaussian
+    interval, calibration).
     """
     target = target.to(preds["pred"].dtype)
     for name, metric in metrics.items():
-        if name == "rmse":
+        if isinstance(metric, MixtureNLL):
+            metric.update(predictive_log_probs(preds, target, criterion))
+        elif name == "rmse":
             metric.update(preds["pred"], target)
         elif name == "coverage":
             inside = (target >= preds["lower"]) & (target <= preds["upper"])

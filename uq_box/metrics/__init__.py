@@ -17,6 +17,7 @@ from uq_box.metrics.classification import (
     MulticlassNLL,
     OODDetection,
 )
+from uq_box.metrics.density import MixtureNLL
 from uq_box.metrics.regression import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea
 from uq_box.metrics.samples import (
     EnergyScore,
@@ -44,6 +45,7 @@ __all__ = [
     "IntervalScore",
     "IntervalWidth",
     "MiscalibrationArea",
+    "MixtureNLL",
     "MulticlassNLL",
     "OODDetection",
     "QuantileCoverage",
