@@ -14,6 +14,7 @@ installed. It imports nothing beyond :mod:`uq_box.methods` (Laplace's extra only
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +44,6 @@ from uq_box.methods.calibrators import (
     VectorScaling,
 )
 from uq_box.methods.conformal_classification import ConformalClassification
-from uq_box.methods.ddu import DDUClassification
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
 from uq_box.methods.deterministic import (
     DeterministicClassification,
@@ -78,7 +78,6 @@ from uq_box.methods.sgmcmc import (
     SGMCMCClassification,
     SGMCMCRegression,
 )
-from uq_box.methods.sngp import SNGPClassification, SNGPRegression
 from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAGClassification, SWAGRegression
 from uq_box.methods.tta import TTAClassification, TTARegression
@@ -192,16 +191,33 @@ class MethodEntry:
         return num_classes if leaf.task == "classification" else leaf.n_outputs
 
     def objects(self, network: nn.Module) -> dict[str, Any]:
-        """The constructor's module arguments (what ``load_from_checkpoint`` needs again)."""
+        """The constructor's module arguments (what ``load_from_checkpoint`` needs again): the
+        network or wrapped method, and fresh instances of the ``kwargs`` given as
+        ``{"class_path": ..., "init_args": ...}`` (such as a ``criterion``).
+        """
         if self.stacked:
             return {"method": self.base.build(network), "num_runs": self.num_runs}
         if self.base is not None:
             return {"model": self.base.build(network)}
-        return {"model": network}
+        modules = {k: _instantiate(v) for k, v in self.kwargs.items() if _is_class_spec(v)}
+        return {"model": network, **modules}
 
     def build(self, network: nn.Module, **overrides: Any) -> LightningModule:
         """A fresh instance on ``network`` (seed first for a fixed init)."""
-        return self.cls(**{**self.objects(network), **self.kwargs, **overrides})
+        plain = {k: v for k, v in self.kwargs.items() if not _is_class_spec(v)}
+        return self.cls(**{**self.objects(network), **plain, **overrides})
+
+
+def _is_class_spec(value: Any) -> bool:
+    """A module argument written as the CLI writes it: ``{"class_path", "init_args"}``."""
+    return isinstance(value, Mapping) and "class_path" in value
+
+
+def _instantiate(spec: Mapping[str, Any]) -> Any:
+    """A fresh instance of ``{"class_path": "pkg.mod.Class", "init_args": {...}}``."""
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**dict(spec.get("init_args") or {}))
 
 
 def _sgmcmc(cls: type, **extra: Any) -> MethodEntry:
@@ -318,9 +334,6 @@ METHODS: tuple[MethodEntry, ...] = (
         {"quantile_levels": [0.1, 0.5, 0.9], "num_levels": 200},
         base=MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2),
     ),
-    MethodEntry(SNGPRegression, {"num_features": 32, "num_mc_samples_test": 4}, n_outputs=2),
-    MethodEntry(SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}),
-    MethodEntry(DDUClassification, stochastic=False),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(
         ConformalClassification,
