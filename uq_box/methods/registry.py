@@ -44,6 +44,7 @@ from uq_box.methods.calibrators import (
     VectorScaling,
 )
 from uq_box.methods.conformal_classification import ConformalClassification
+from uq_box.methods.ddu import DDUClassification
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
 from uq_box.methods.deterministic import (
     DeterministicClassification,
@@ -78,6 +79,7 @@ from uq_box.methods.sgmcmc import (
     SGMCMCClassification,
     SGMCMCRegression,
 )
+from uq_box.methods.sngp import SNGPClassification, SNGPRegression
 from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAGClassification, SWAGRegression
 from uq_box.methods.tta import TTAClassification, TTARegression
@@ -334,6 +336,9 @@ METHODS: tuple[MethodEntry, ...] = (
         {"quantile_levels": [0.1, 0.5, 0.9], "num_levels": 200},
         base=MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2),
     ),
+    MethodEntry(SNGPRegression, {"num_features": 32, "num_mc_samples_test": 4}, n_outputs=2),
+    MethodEntry(SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}),
+    MethodEntry(DDUClassification, stochastic=False),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(
         ConformalClassification,
