@@ -368,24 +368,7 @@ def fit_dataset(
         epochs if epochs is not None else round(info["n_epochs"] * opts["epoch_multiplier"])
     )
     seed = int(opts["seed"]) + 1000 * METHODS.index(method)
-    modules = [
-        UCIRegressionDatamodule(
-            dataset,
-            int(k),
-            root,
-            batch_size=int(opts["batch_size"]),
-            val_fraction=val_fraction,
-            seed=seed + int(k),
-        )  # fmt: skip
-        for k in splits
-    ]
-    data = [m.data for m in modules]
-    if val_fraction > 0:  # evaluate on the validation rows, never on the test split
-        for d in data:
-            d.x_test, d.y_test = d.x_val, d.y_val
-    sizes = {len(d.y_train) for d in data}
-    if len(sizes) != 1:
-        raise ValueError(f"{dataset}: splits {list(splits)} have different training sizes {sizes}")
+    modules = _split_datamodules(root, dataset, splits, int(opts["batch_size"]), val_fraction, seed)
     torch.manual_seed(seed)
     runs = [
         build_method(
@@ -398,21 +381,59 @@ def fit_dataset(
     with _quiet_lightning():
         _trainer(num_epochs).fit(model, datamodule=StackedDataModule(modules))
     fit_seconds = time.perf_counter() - start
+    metrics = _test_metrics(model, runs, [m.data for m in modules])
+    return [
+        {"dataset": dataset, "method": method, "split": int(k), **split_metrics,
+         "fit_seconds": fit_seconds / len(modules), "epochs": num_epochs}
+        for k, split_metrics in zip(splits, metrics, strict=True)
+    ]  # fmt: skip
 
+
+def _split_datamodules(
+    root: str | Path,
+    dataset: str,
+    splits: Sequence[int],
+    batch_size: int,
+    val_fraction: float,
+    seed: int,
+) -> list[UCIRegressionDatamodule]:
+    """One data module per split, of equal training sizes (they train as stacked runs); with
+    ``val_fraction`` the validation rows stand in for the test split, which is never read.
+    """
+    modules = [
+        UCIRegressionDatamodule(
+            dataset,
+            int(k),
+            root,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed + int(k),
+        )  # fmt: skip
+        for k in splits
+    ]
+    if val_fraction > 0:
+        for m in modules:
+            m.data.x_test, m.data.y_test = m.data.x_val, m.data.y_val
+    sizes = {len(m.data.y_train) for m in modules}
+    if len(sizes) != 1:
+        raise ValueError(f"{dataset}: splits {list(splits)} have different training sizes {sizes}")
+    return modules
+
+
+def _test_metrics(
+    model: StackedRuns, runs: Sequence[UQMethod], data: Sequence[UCISplit]
+) -> list[dict[str, float]]:
+    """Each run's test metrics in the original units of its split."""
     x_test = torch.tensor(np.stack([d.x_test for d in data]), dtype=torch.float32)
     y_test = torch.tensor(np.stack([d.y_test for d in data]), dtype=torch.float32).reshape(
         len(data), -1
     )
     with torch.no_grad():
         mean, std, log_density = _predict_in_chunks(model, x_test, y=y_test, runs=runs)
-    results = []
-    for i, (k, d) in enumerate(zip(splits, data, strict=True)):
-        metrics = original_units_metrics(mean[i].double(), std[i].double(), d, log_density[i])
-        results.append(
-            {"dataset": dataset, "method": method, "split": int(k), **metrics,
-             "fit_seconds": fit_seconds / len(modules), "epochs": num_epochs}
-        )  # fmt: skip
-    return results
+    return [
+        original_units_metrics(mean[i].double(), std[i].double(), d, log_density[i])
+        for i, d in enumerate(data)
+    ]
 
 
 def _fit_task(args: tuple) -> list[dict[str, Any]]:
