@@ -22,6 +22,8 @@ from torch import Tensor  # noqa: E402
 
 from uq_box.methods.base import ClassificationTask, UQMethod  # noqa: E402
 from uq_box.methods.binary import BinaryClassificationTask  # noqa: E402
+from uq_box.methods.dense import DenseTask  # noqa: E402
+from uq_box.metrics.dense import dense_sparsification_curves  # noqa: E402
 from uq_box.viz import (  # noqa: E402
     plot_calibration,
     plot_decision_surface,
@@ -30,6 +32,7 @@ from uq_box.viz import (  # noqa: E402
     plot_toy_regression_data,
     plot_training_metrics,
 )
+from uq_box.viz.dense import plot_dense_predictions, plot_sparsification  # noqa: E402
 
 TRAINING_METRICS = (
     "train_loss",
@@ -71,7 +74,9 @@ def write_report(
     Regression: the data, the training metrics (from the run's ``metrics.csv``), the predictions
     with their epistemic and aleatoric parts (1-D inputs), and the calibration curve on the test
     set. Classification: the training metrics, the decision surface with its mutual-information
-    map (2-D inputs with a ``grid``), and the reliability diagram on the test set. ``index.md``
+    map (2-D inputs with a ``grid``), and the reliability diagram on the test set. Segmentation
+    and pixel regression: the training metrics, the per-pixel maps of the first test images and
+    the sparsification curves (:func:`_dense_plots`). ``index.md``
     shows the metrics and the plots and names the plots skipped, with the reason.
 
     Returns:
@@ -81,7 +86,10 @@ def write_report(
     report = _Report(run_dir / "report", title or type(model).__name__)
     report.folder.mkdir(parents=True, exist_ok=True)
     (run_dir / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-    if isinstance(model, ClassificationTask | BinaryClassificationTask):
+    if isinstance(model, DenseTask):
+        _training_metrics_plot(report, run_dir)
+        _dense_plots(report, model, datamodule)
+    elif isinstance(model, ClassificationTask | BinaryClassificationTask):
         _training_metrics_plot(report, run_dir)
         _classification_plots(report, model, datamodule)
     else:
@@ -197,6 +205,19 @@ def _class_probabilities(pred: Tensor) -> Tensor:
     ``[N, 2]``.
     """
     return torch.cat([1.0 - pred, pred], dim=-1) if pred.shape[-1] == 1 else pred
+
+
+def _dense_plots(report: _Report, model: UQMethod, datamodule: LightningDataModule) -> None:
+    """Segmentation and pixel regression: image | target | prediction | aleatoric | epistemic |
+    error for the first test images, and the sparsification curves of the test pixels.
+    """
+    x_test, y_test = datamodule.X_test, datamodule.Y_test
+    preds = model.predict_step(x_test)
+    ignore = getattr(model, "ignore_index", -100)
+    fig = plot_dense_predictions(x_test, y_test, preds, ignore_index=ignore, title=report.title)
+    report.save(fig, "dense_predictions.png")
+    curves = dense_sparsification_curves(preds, y_test, ignore)
+    report.save(plot_sparsification(curves, title=report.title), "sparsification.png")
 
 
 def _write_index(report: _Report, test_metrics: dict[str, float]) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from uq_box.datamodules import ArrayDataModule, StackedDataModule
 from uq_box.methods.registry import METHODS, MethodEntry
-from uq_box.models import MLP
+from uq_box.models import MLP, UNet
 
 N_TRAIN, N_VAL, N_TEST = 64, 16, 16
 BATCH_SIZE = 16  # 4 training batches per epoch
@@ -77,8 +77,21 @@ def array_datamodule(
     )
 
 
+def dense_datamodule(task: str, batch_size: int = BATCH_SIZE):
+    """Toy segmentation (3 classes, 10% unlabeled training pixels) or pixel regression data:
+    ``N_TRAIN`` / ``N_VAL`` / ``N_TEST`` images of 8x8 pixels."""
+    from uq_box.datamodules import ToyPixelRegressionDatamodule, ToySegmentationDatamodule
+
+    sizes = {"n_train": N_TRAIN, "n_val": N_VAL, "n_test": N_TEST, "image_size": 8}
+    if task == "segmentation":
+        return ToySegmentationDatamodule(**sizes, unlabeled_fraction=0.1, batch_size=batch_size)
+    return ToyPixelRegressionDatamodule(**sizes, batch_size=batch_size)
+
+
 def datamodule(entry: MethodEntry, batch_size: int = BATCH_SIZE):
     """The entry's data: one run's data module, or one per run for :class:`StackedRuns`."""
+    if entry.dense:
+        return dense_datamodule(entry.task, batch_size)
     if entry.stacked:
         modules = [array_datamodule(entry.task, k, batch_size) for k in range(entry.num_runs)]
         return StackedDataModule(modules)
@@ -88,11 +101,16 @@ def datamodule(entry: MethodEntry, batch_size: int = BATCH_SIZE):
 def network(entry: MethodEntry, width: int | None = None) -> nn.Module:
     """A fresh ``MLP(2, [8], width)`` (with dropout or BatchNorm where the method needs it)."""
     width = entry.width(NUM_CLASSES) if width is None else width
+    if entry.leaf.dense:  # a tiny U-Net: 8x8 images, one level down
+        return UNet(1, width, depth=1, width=4, dropout_p=0.2 if entry.leaf.dropout else 0.0)
     dropout_p = 0.2 if entry.leaf.dropout else 0.0
     return MLP(2, [8], width, dropout_p=dropout_p, batch_norm=entry.leaf.batch_norm)
 
 
-def predict_inputs() -> Tensor:
+def predict_inputs(entry: MethodEntry | None = None) -> Tensor:
+    """``N_PREDICT`` test inputs (a dense entry's: 8x8 test images)."""
+    if entry is not None and entry.dense:
+        return dense_datamodule(entry.task).X_test[:N_PREDICT]
     return toy_arrays()[0][-N_PREDICT:]
 
 
@@ -195,7 +213,9 @@ def check_contract(
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), key
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    if entry.task == "binary":
+    if entry.dense:
+        check_dense_contract(preds, entry, n, num_classes, num_samples, tol)
+    elif entry.task == "binary":
         check_binary_contract(preds, entry.width(num_classes), n, num_samples, tol)
     elif entry.task == "regression":
         assert REGRESSION_KEYS <= set(preds), sorted(preds)
@@ -244,6 +264,44 @@ def check_contract(
         assert (epistemic > 0).any(), "the samples or members do not differ"
     else:
         assert (epistemic == 0).all(), "one network, no epistemic part"
+
+
+def check_dense_contract(preds, entry, n, num_classes, num_samples, tol) -> None:
+    """Segmentation: ``pred`` ``[N, C, H, W]`` the mean sampled softmax over the class axis, the
+    entropy split ``[N, H, W]`` per pixel; pixel regression: ``[N, T, H, W]`` with
+    ``total^2 = aleatoric^2 + epistemic^2`` per pixel (8x8 images, one target)."""
+    hw = (8, 8)
+    if entry.task == "segmentation":
+        assert CLASSIFICATION_KEYS <= set(preds), sorted(preds)
+        pred, logits = preds["pred"], preds["logits"]
+        assert pred.shape == (n, num_classes, *hw), pred.shape
+        assert logits.ndim == 5 and logits.shape[1:] == pred.shape, logits.shape
+        if num_samples is not None:
+            assert logits.shape[0] == num_samples
+        for key in ("pred_uct", "aleatoric_uct", "epistemic_uct"):
+            assert preds[key].shape == (n, *hw), (key, preds[key].shape)
+        probs = logits.softmax(2)
+        torch.testing.assert_close(pred, probs.mean(0), **tol)
+        total = entropy(pred.movedim(1, -1))
+        torch.testing.assert_close(preds["pred_uct"], total, **tol)
+        torch.testing.assert_close(
+            preds["aleatoric_uct"], entropy(probs.movedim(2, -1)).mean(0), **tol
+        )
+        torch.testing.assert_close(
+            preds["pred_uct"], preds["aleatoric_uct"] + preds["epistemic_uct"], **tol
+        )
+        assert (total <= math.log(num_classes) + 1e-5).all()
+    else:
+        assert REGRESSION_KEYS <= set(preds), sorted(preds)
+        for key in REGRESSION_KEYS:
+            assert preds[key].shape == (n, 1, *hw), (key, preds[key].shape)
+        total, aleatoric, epistemic = (
+            preds[k] for k in ("pred_uct", "aleatoric_uct", "epistemic_uct")
+        )
+        torch.testing.assert_close(total**2, aleatoric**2 + epistemic**2, **tol)
+        assert (aleatoric > 0).all()
+        samples = preds["samples"]
+        assert samples.ndim == 5 and samples.shape[1:] == (n, 1, *hw), samples.shape
 
 
 def binary_entropy(p: Tensor) -> Tensor:
@@ -331,7 +389,7 @@ def bad_inputs(entry: MethodEntry) -> list[BadInput]:
                 ("`model`", wrong.cls.__name__, f"a fitted {entry.task} method"),
             )
         )
-    elif leaf.task == "regression":
+    elif leaf.task in ("regression", "pixel_regression"):
         width = leaf.n_outputs + 1
         cases.append(
             BadInput(

@@ -104,7 +104,7 @@ def test_every_exported_method_class_has_an_entry():
 @pytest.mark.parametrize("item", params())
 def test_prediction_contract(item, fitted):
     method = fitted(item).method
-    x = predict_inputs()
+    x = predict_inputs(item)
     torch.manual_seed(3)
     preds = predict(method, item, x)
     check_contract(preds, item, N_PREDICT)
@@ -143,7 +143,7 @@ def test_float64_inputs_into_a_float32_network(item, fitted):
     """Floating point inputs are cast to the network's dtype: float32 predictions, the same
     numbers as the float32 inputs give."""
     method = fitted(item).method
-    x = predict_inputs()
+    x = predict_inputs(item)
     torch.manual_seed(3)
     preds = predict(method, item, x)
     torch.manual_seed(3)
@@ -159,7 +159,7 @@ def test_float64_inputs_into_a_float32_network(item, fitted):
 def test_same_seed_same_numbers_and_exact_resume(item, fitted):
     reference = fitted(item)
     state = state_of(reference.method)
-    x = predict_inputs()
+    x = predict_inputs(item)
     torch.manual_seed(3)
     expected = predict(reference.method, item, x)
 
@@ -186,7 +186,7 @@ def test_load_from_checkpoint_predicts_the_same(item, fitted, tmp_path):
         tmp_path / "final.ckpt", **item.objects(network(item)), weights_only=True
     )
     assert_same_state(state_of(method), state_of(loaded))
-    x = predict_inputs()
+    x = predict_inputs(item)
     torch.manual_seed(3)
     expected = predict(method, item, x)
     torch.manual_seed(3)
@@ -206,6 +206,8 @@ def test_bad_input(item, case):
 # -- the CLI --------------------------------------------------------------------------------------
 def cli_config(item) -> dict:
     """A config of the entry on the toy data (1 input) or two moons (2 inputs, 2 classes)."""
+    if item.dense:
+        return dense_cli_config(item)
     regression = item.task == "regression"
     backbone = {
         "n_inputs": 1 if regression else 2,
@@ -229,6 +231,32 @@ def cli_config(item) -> dict:
             "class_path": f"uq_box.datamodules.{data}",
             "init_args": {"n_points": 64, "n_test": 32, "batch_size": 16},
         },
+    }
+
+
+def dense_cli_config(item) -> dict:
+    """A config of a dense entry: a tiny U-Net on the toy segmentation (3 classes) or pixel
+    regression data, 8x8 images."""
+    task = "Segmentation" if item.task == "segmentation" else "PixelRegression"
+    backbone = {
+        "in_channels": 1,
+        "out_channels": item.width(3),
+        "depth": 1,
+        "width": 4,
+        "dropout_p": 0.2 if item.dropout else 0.0,
+    }
+    sizes = {"n_train": 32, "n_val": 16, "n_test": 16, "image_size": 8, "batch_size": 16}
+    return {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False},
+        "model": {
+            "class_path": f"uq_box.methods.{item.cls.__name__}",
+            "init_args": {
+                "model": {"class_path": "uq_box.models.UNet", "init_args": backbone},
+                **item.kwargs,
+            },
+        },
+        "data": {"class_path": f"uq_box.datamodules.Toy{task}Datamodule", "init_args": sizes},
     }
 
 
@@ -267,6 +295,6 @@ def test_cli_fast_dev_run(item, tmp_path, capsys, monkeypatch):
     (line,) = [x for x in out.splitlines() if x.startswith("test metrics: ")]
     metrics = dict(part.split("=") for part in line[len("test metrics: ") :].split(", "))
     assert metrics and all(math.isfinite(float(v)) for v in metrics.values()), line
-    assert ("test_accuracy" in metrics) == (item.task != "regression")
+    assert ("test_accuracy" in metrics) == (item.task in ("classification", "binary"))
     assert "fast_dev_run: report built (" in out, out
     assert list(run.iterdir()) == []

@@ -9,6 +9,7 @@ from uq_box.datamodules.classification import (
     make_spiral,
     rotate_images,
 )
+from uq_box.datamodules.dense import ToyPixelRegressionDatamodule, ToySegmentationDatamodule
 from uq_box.datamodules.ood import (
     DigitsHeldOutDatamodule,
     FarCloudDatamodule,
@@ -40,6 +41,8 @@ __all__ = [
     "ToyBimodalDatamodule",
     "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
+    "ToyPixelRegressionDatamodule",
+    "ToySegmentationDatamodule",
     "TwoMoonsDatamodule",
     "UCIRegressionDatamodule",
     "UCI_DATASETS",

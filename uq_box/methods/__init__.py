@@ -29,6 +29,22 @@ from uq_box.methods.deep_ensemble import (
     DeepEnsembleClassification,
     DeepEnsembleRegression,
 )
+from uq_box.methods.dense import (
+    BNNVIPixelRegression,
+    BNNVISegmentation,
+    DeepEnsemblePixelRegression,
+    DeepEnsembleSegmentation,
+    DeterministicPixelRegression,
+    DeterministicSegmentation,
+    MCDropoutPixelRegression,
+    MCDropoutSegmentation,
+    PixelRegressionTask,
+    SegmentationTask,
+    SGMCMCPixelRegression,
+    SGMCMCSegmentation,
+    SWAGPixelRegression,
+    SWAGSegmentation,
+)
 from uq_box.methods.deterministic import (
     Deterministic,
     DeterministicClassification,
@@ -66,7 +82,6 @@ from uq_box.methods.mc_dropout import (
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
 from uq_box.methods.quantile import QuantileRegression
 from uq_box.methods.recalibration import IsotonicRecalibration, StdScaling
-from uq_box.methods.sngp import SNGP, SNGPClassification, SNGPRegression
 from uq_box.methods.sgmcmc import (
     SGMCMC,
     PSGLDClassification,
@@ -78,11 +93,26 @@ from uq_box.methods.sgmcmc import (
     SGMCMCClassification,
     SGMCMCRegression,
 )
+from uq_box.methods.sngp import SNGP, SNGPClassification, SNGPRegression
 from uq_box.methods.stacked import StackedRuns
 from uq_box.methods.swag import SWAG, SWAGClassification, SWAGRegression
 from uq_box.methods.tta import TTAClassification, TTAMethod, TTARegression
 
 __all__ = [
+    "BNNVIPixelRegression",
+    "BNNVISegmentation",
+    "DeepEnsemblePixelRegression",
+    "DeepEnsembleSegmentation",
+    "DeterministicPixelRegression",
+    "DeterministicSegmentation",
+    "MCDropoutPixelRegression",
+    "MCDropoutSegmentation",
+    "PixelRegressionTask",
+    "SGMCMCPixelRegression",
+    "SGMCMCSegmentation",
+    "SWAGPixelRegression",
+    "SWAGSegmentation",
+    "SegmentationTask",
     "BNNVI",
     "ConformalRegression",
     "BNNVIBinaryClassification",

@@ -46,6 +46,22 @@ from uq_box.methods.calibrators import (
 from uq_box.methods.conformal_classification import ConformalClassification
 from uq_box.methods.ddu import DDUClassification
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
+from uq_box.methods.dense import (
+    BNNVIPixelRegression,
+    BNNVISegmentation,
+    DeepEnsemblePixelRegression,
+    DeepEnsembleSegmentation,
+    DeterministicPixelRegression,
+    DeterministicSegmentation,
+    MCDropoutPixelRegression,
+    MCDropoutSegmentation,
+    PixelRegressionTask,
+    SegmentationTask,
+    SGMCMCPixelRegression,
+    SGMCMCSegmentation,
+    SWAGPixelRegression,
+    SWAGSegmentation,
+)
 from uq_box.methods.deterministic import (
     DeterministicClassification,
     DeterministicRegression,
@@ -144,6 +160,10 @@ class MethodEntry:
     def task(self) -> str:
         """``"regression"``, ``"classification"`` or ``"binary"`` (binary and multilabel)."""
         cls = self.base.cls if self.stacked else self.cls
+        if issubclass(cls, SegmentationTask):
+            return "segmentation"
+        if issubclass(cls, PixelRegressionTask):
+            return "pixel_regression"
         if issubclass(cls, BinaryClassificationTask):
             return "binary"
         return "regression" if issubclass(cls, RegressionTask) else "classification"
@@ -169,11 +189,17 @@ class MethodEntry:
         return self.trains
 
     @property
+    def dense(self) -> bool:
+        """A dense task (``"segmentation"`` or ``"pixel_regression"``): images in, images out."""
+        return self.task in ("segmentation", "pixel_regression")
+
+    @property
     def ddp(self) -> bool:
         """Trains under DDP, where ``N`` must be the global training set size (stacked runs
         train in one process).
         """
-        return self.trains and not self.stacked
+        # (dense entries: N counts pixels, images x H x W, not the rows the DDP check records)
+        return self.trains and not self.stacked and not self.dense
 
     @property
     def cli(self) -> bool:
@@ -190,7 +216,7 @@ class MethodEntry:
         leaf = self.leaf
         if leaf.task == "binary":
             return leaf.num_labels or 1
-        return num_classes if leaf.task == "classification" else leaf.n_outputs
+        return num_classes if leaf.task in ("classification", "segmentation") else leaf.n_outputs
 
     def objects(self, network: nn.Module) -> dict[str, Any]:
         """The constructor's module arguments (what ``load_from_checkpoint`` needs again): the
@@ -254,7 +280,32 @@ _NOISE = {
 }
 
 #: Every method class and task, built small. Add one entry per new class.
+#: the dense entries: a tiny U-Net on 8x8 images (``tests/conformance``), 3 classes or 1 target
+_DENSE_SWAG = {"max_num_samples": 3, "num_mc_samples_test": 4, "burnin_epochs": 1}
+_DENSE_SGMCMC = {"burnin_epochs": 1, "thinning": 3, "max_num_samples": 4}
+_DENSE_BNNVI = {
+    "stochastic_module_names": ["bottleneck.0"],  # partially stochastic: the bottleneck
+    "num_mc_samples_train": 2,
+    "num_mc_samples_test": 4,
+    "posterior_rho_init": -3.0,
+}
+_DENSE: tuple[MethodEntry, ...] = (
+    MethodEntry(DeterministicSegmentation, stochastic=False),
+    MethodEntry(DeterministicPixelRegression, n_outputs=2, stochastic=False),
+    MethodEntry(MCDropoutSegmentation, {"num_mc_samples_test": 4}, dropout=True),
+    MethodEntry(MCDropoutPixelRegression, {"num_mc_samples_test": 4}, n_outputs=2, dropout=True),
+    MethodEntry(DeepEnsembleSegmentation, {"num_members": 2}),
+    MethodEntry(DeepEnsemblePixelRegression, {"num_members": 2}, n_outputs=2),
+    MethodEntry(BNNVISegmentation, _DENSE_BNNVI),
+    MethodEntry(BNNVIPixelRegression, _DENSE_BNNVI, n_outputs=2),
+    MethodEntry(SWAGSegmentation, _DENSE_SWAG),
+    MethodEntry(SWAGPixelRegression, _DENSE_SWAG, n_outputs=2),
+    MethodEntry(SGMCMCSegmentation, _DENSE_SGMCMC),
+    MethodEntry(SGMCMCPixelRegression, _DENSE_SGMCMC, n_outputs=2),
+)
+
 METHODS: tuple[MethodEntry, ...] = (
+    *_DENSE,
     MethodEntry(DeterministicRegression, n_outputs=1, stochastic=False),
     _DETERMINISTIC_CLASSIFICATION,
     _MVE,
@@ -415,5 +466,11 @@ def is_concrete_method(obj: object) -> bool:
         return False
     if issubclass(obj, StackedRuns):
         return True
-    tasks = (RegressionTask, ClassificationTask, BinaryClassificationTask)
+    tasks = (
+        RegressionTask,
+        ClassificationTask,
+        BinaryClassificationTask,
+        SegmentationTask,
+        PixelRegressionTask,
+    )
     return issubclass(obj, tasks) and issubclass(obj, UQMethod) and obj not in tasks

@@ -2,5 +2,6 @@
 
 from uq_box.models.cnn import CNN
 from uq_box.models.mlp import MLP
+from uq_box.models.unet import UNet
 
-__all__ = ["CNN", "MLP"]
+__all__ = ["CNN", "MLP", "UNet"]
