@@ -231,8 +231,13 @@ class BatchEnsembleConv2d(_BatchEnsembleConvNd):
     on its block of a folded batch ``[M * B, C, H, W]``; one convolution for all members.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation: as ``nn.Conv2d``.
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: as ``nn.Conv2d``.
         num_members: ``M``.
+        stride: as ``nn.Conv2d``.
+        padding: as ``nn.Conv2d``.
+        dilation: as ``nn.Conv2d``.
         bias: a bias per member.
     """
 
@@ -311,7 +316,10 @@ class Rank1BayesianLinear(_Rank1Layer, BatchEnsembleLinear):
     biases are point estimates. :meth:`layer_kl` is the KL of the factors from ``prior``.
 
     Args:
-        in_features, out_features, num_members, bias: as :class:`BatchEnsembleLinear`.
+        in_features: input features.
+        out_features: output features.
+        num_members: ``M``.
+        bias: a bias per member.
         prior: prior of every factor; a number ``s`` means ``Normal(1, s)`` (default
             ``Normal(1, 1)``).
         posterior_rho_init: initial ``rho`` of the factors (``sigma = softplus(rho)``).
@@ -781,7 +789,9 @@ class PackedConv2d(nn.Conv2d):
     ``M * out_channels`` channels, member-major.
 
     Args:
-        in_channels, out_channels, kernel_size: of one model (before ``alpha``).
+        in_channels: input channels of one model (before ``alpha``).
+        out_channels: output channels of one model.
+        kernel_size: as ``nn.Conv2d``.
         num_members: ``M``.
         alpha: width factor.
         gamma: groups per member.
