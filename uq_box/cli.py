@@ -44,16 +44,18 @@ class UQBoxCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``uq-box``; ``uq-box benchmark uci ...`` runs the UCI benchmark."""
+    """Entry point of ``uq-box``; ``uq-box benchmark uci|digits ...`` runs a benchmark."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["benchmark"]:
-        if argv[1:2] != ["uci"]:
+        if argv[1:2] not in (["uci"], ["digits"]):
             raise SystemExit(
-                f"error: `uq-box benchmark` takes a benchmark name: uci; got {argv[1:2] or 'none'}"
+                f"error: `uq-box benchmark` takes a benchmark name: uci or digits; got "
+                f"{argv[1:2] or 'none'}"
             )
-        from uq_box.benchmarks.uci import main as benchmark_uci
+        from importlib import import_module
 
-        raise SystemExit(benchmark_uci(argv[2:]))
+        benchmark = import_module(f"uq_box.benchmarks.{argv[1]}")
+        raise SystemExit(benchmark.main(argv[2:]))
     UQBoxCLI(
         UQMethod,
         LightningDataModule,

@@ -1,1 +1,3 @@
-"""Benchmarks run by ``uq-box benchmark ...``: the UCI regression protocol."""
+"""Benchmarks run by ``uq-box benchmark ...``: the UCI regression protocol (``uci``) and the
+digits classification table (``digits``).
+"""
