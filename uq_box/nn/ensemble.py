@@ -24,6 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
+from uq_box.checks import positive_int
+
 
 def _key(name: str) -> str:
     return name.replace(".", ":")
@@ -335,8 +337,7 @@ def stack_members(
     """Stack given members, or ``num_members`` (default 5) fresh copies of ``model``."""
     if isinstance(model, nn.Module) and not isinstance(model, nn.ModuleList):
         num_members = 5 if num_members is None else num_members
-        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
-            raise ValueError(f"`num_members` must be a positive integer, got {num_members!r}")
+        positive_int(num_members, "num_members")
         return StackedEnsemble([model] + [reinitialized(model) for _ in range(num_members - 1)])
     members = list(model)
     if num_members is not None and num_members != len(members):

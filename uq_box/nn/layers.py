@@ -39,6 +39,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
+from uq_box.checks import positive_int
 from uq_box.nn.priors import Prior, normal_kl
 from uq_box.nn.sampling import MCState, SamplingModule, current_mc_state
 
@@ -73,8 +74,7 @@ class _BayesianLayer(BayesianModule, SamplingModule):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(num_kl_samples, int) or num_kl_samples < 1:
-            raise ValueError(f"`num_kl_samples` must be a positive integer, got {num_kl_samples!r}")
+        positive_int(num_kl_samples, "num_kl_samples")
         if not math.isfinite(posterior_rho_init):
             raise ValueError(f"`posterior_rho_init` must be finite, got {posterior_rho_init}")
         self.estimator = estimator

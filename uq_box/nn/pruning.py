@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from uq_box.checks import number_in
 from uq_box.nn.layers import _BayesianLayer
 
 __all__ = ["PRUNED_RHO", "prune_by_snr", "prune_random", "pruning_curve", "snr"]
@@ -26,13 +27,7 @@ PRUNED_RHO = -30.0
 
 
 def _check_fraction(fraction: float) -> float:
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, int | float)
-        or not (0.0 <= fraction <= 1.0)
-    ):
-        raise ValueError(f"`fraction` must be a number in [0, 1], got {fraction!r}")
-    return float(fraction)
+    return number_in(fraction, "fraction", 0.0, 1.0, closed="low high")
 
 
 def _prunable(module: nn.Module, include_bias: bool) -> dict[str, tuple[_BayesianLayer, str]]:

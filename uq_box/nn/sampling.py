@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from uq_box.checks import positive_int
+
 NoiseFn = Callable[[nn.Module, str, tuple[int, ...]], Tensor]
 """``noise_fn(module, name, shape)`` returns standard normal noise of ``shape`` for ``module``'s
 ``name`` ("weight", "bias", "output", ...), e.g. to replay the same noise in a reference loop."""
@@ -115,8 +117,7 @@ def mc_sampling(num_samples: int, noise_fn: NoiseFn | None = None) -> Iterator[M
     Inputs of the sampling layers inside are folded batches ``[S * N, ...]``;
     :func:`sample_forward` takes a plain batch and does the folding where the graph needs it.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+    num_samples = positive_int(num_samples, "num_samples")
     state = MCState(num_samples=num_samples, noise_fn=noise_fn)
     token = _STATE.set(state)
     try:
