@@ -232,5 +232,5 @@ def test_conversions_refuse_what_they_cannot_convert():
         to_batch_ensemble(nn.Conv2d(4, 4, 3, groups=2), 2)
     with pytest.raises(ValueError, match="`num_members` must be a positive integer, got 0"):
         to_mimo(nn.Linear(2, 2), 0)
-    with pytest.raises(ValueError, match="`scale` must be a number >= 1"):
+    with pytest.raises(ValueError, match=r"`scale` must be a number in \[1, inf\)"):
         masksembles_masks(8, 2, 0.5)

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from uq_box.checks import positive_int
+from uq_box.checks import non_negative_finite, positive_int
 from uq_box.methods.base import ClassificationTask, UQMethod, unpack_batch
 from uq_box.methods.posthoc import PostHocCalibration
 from uq_box.methods.predictive_classification import classification_predictive
@@ -69,11 +69,7 @@ BINNINGS = ("equal_mass", "equal_width")
 
 
 def _non_negative_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
-    return float(value)
+    return non_negative_finite(value, name)
 
 
 def _mean_nll(log_p: Tensor, target: Tensor) -> Tensor:

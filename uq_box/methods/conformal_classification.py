@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from uq_box.checks import non_negative_int
+from uq_box.checks import non_negative_finite, non_negative_int
 from uq_box.methods.base import ClassificationTask, UQMethod, unpack_batch
 from uq_box.methods.posthoc import (
     PostHocCalibration,
@@ -127,9 +127,7 @@ def _check_score(score: str) -> str:
 
 
 def _check_lam(lam: float) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 <= lam < math.inf:
-        raise ValueError(f"`lam` must be a non-negative finite number, got {lam!r}")
-    return float(lam)
+    return non_negative_finite(lam, "lam")
 
 
 def class_scores(

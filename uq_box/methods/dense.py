@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError
 
+from uq_box.checks import positive_int
 from uq_box.losses import NLL
 from uq_box.methods.base import UQMethod, eval_mode, unpack_batch
 from uq_box.methods.bnn_vi import BNNVI
@@ -178,10 +179,7 @@ class DenseTask:
         chunk = self.sample_chunk_size
         if chunk is None:
             return super().predict_step(batch, batch_idx, dataloader_idx)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(
-                f"`sample_chunk_size` must be a positive integer or None, got {chunk!r}"
-            )
+        positive_int(chunk, "sample_chunk_size")
         x, _ = unpack_batch(batch)
         with torch.no_grad(), eval_mode(self.model):
             x = self._as_network_dtype(x.to(self.device))

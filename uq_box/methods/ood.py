@@ -27,7 +27,6 @@ need OOD validation data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from uq_box.checks import positive_finite
 from uq_box.methods.base import ClassificationTask, UQMethod, eval_mode
 from uq_box.methods.predictive_classification import _check_samples, classification_predictive
 from uq_box.metrics.functional_ood import ood_detection_metrics
@@ -130,10 +130,7 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
         ``[N]``.
     """
     _check_samples(logits, "logits")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be a positive finite number, got {temperature!r}")
+    temperature = positive_finite(temperature, "temperature")
     return (-temperature * torch.logsumexp(logits / temperature, dim=-1)).mean(0)
 
 

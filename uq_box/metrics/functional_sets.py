@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from uq_box.checks import number_in
+
 __all__ = [
     "class_conditional_coverage",
     "mean_set_size",
@@ -149,8 +151,7 @@ def size_stratified_coverage_violation(
     Returns:
         Scalar float64 tensor in ``[0, 1]``.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, float | int) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}")
+    number_in(alpha, "alpha", 0.0, 1.0)
     pred_set, target = _check_sets_target(pred_set, target)
     count, covered = _size_counts(pred_set, target)
     if size_bins is not None:

@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from uq_box.checks import positive_finite, positive_int
+from uq_box.checks import number_in, positive_finite, positive_int
 from uq_box.nn.convert import parameter_layers, resolve_module_names
 from uq_box.nn.priors import Prior
 
@@ -558,9 +558,7 @@ def masksembles_masks(channels: int, num_masks: int, scale: float, seed: int = 0
     """
     positive_int(channels, "channels")
     n = positive_int(num_masks, "num_masks")
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale >= 1:
-        raise ValueError(f"`scale` must be a number >= 1, got {scale!r}")
-    scale = float(scale)
+    scale = number_in(scale, "scale", 1.0, closed="low")
     covered = 1.0 - (1.0 - 1.0 / scale) ** n
     ones = max(1, int(channels / (scale * covered)))
     if ones >= channels:
