@@ -4,8 +4,9 @@ A regression criterion also says how to read the network's raw outputs as a pred
 standard deviation (:meth:`NLL.mean_and_std`), so that every method splits uncertainty the same way.
 The likelihood families (:class:`Likelihood`: :class:`NLL` (Gaussian, optionally beta-NLL),
 :class:`StudentTNLL`, :class:`LaplaceNLL`, :class:`LogNormalNLL`, :class:`GaussianMixtureNLL`
-(mixture density network) and :class:`NormalInverseGammaNLL` (deep evidential regression)) also
-give the real per-sample log-density (``log_prob``), which the predictive NLL metric reads.
+(mixture density network), :class:`NormalInverseGammaNLL` (deep evidential regression) and
+:class:`MultivariateNLL` (a Gaussian over all targets with a full covariance, a Cholesky head))
+also give the real per-sample log-density (``log_prob``), which the predictive NLL metric reads.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ class Likelihood(nn.Module):
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Mean negative log-density of ``target`` under the distributions of ``outputs``."""
         return -self.log_prob(outputs, target).mean()
+
+    def output_width(self, num_targets: int) -> int:
+        """Network outputs per point for ``num_targets`` targets: ``num_outputs * num_targets``
+        (a criterion whose width is no per-target count, :class:`MultivariateNLL`, overrides it).
+        """
+        return self.num_outputs * num_targets
 
     def _split(self, outputs: Tensor, what: str) -> Tensor:
         """``[..., T * k] -> [..., T, k]`` with ``k = num_outputs``, or a clear error."""
@@ -423,6 +430,132 @@ class GaussianMixtureNLL(Likelihood):
 
     def extra_repr(self) -> str:
         return f"num_components={self.num_components}, min_std={self.min_std}"
+
+
+def num_targets_of_width(width: int) -> int | None:
+    """``T`` with ``T (T + 3) / 2 == width`` (``T`` means plus ``T (T + 1) / 2`` Cholesky
+    entries), or ``None`` when no ``T >= 1`` fits.
+    """
+    if width < 2:
+        return None
+    num_targets = (math.isqrt(9 + 8 * width) - 3) // 2
+    return num_targets if num_targets * (num_targets + 3) // 2 == width else None
+
+
+class MultivariateNLL(Likelihood):
+    """Negative log-likelihood of a multivariate Gaussian over all ``T`` targets (full covariance).
+
+    The network gives, per point, the ``T`` means and the ``T (T + 1) / 2`` entries of the
+    Cholesky factor ``L`` of the covariance ``Sigma = L L^T`` (a lower triangular matrix with a
+    positive diagonal), ``T (T + 3) / 2`` outputs in all:
+
+    - ``[..., :T]``: the means;
+    - ``[..., T:]``: the lower triangle of ``L`` row by row (the order of
+      ``torch.tril_indices(T, T)``: ``L_00, L_10, L_11, L_20, L_21, L_22, ...``); a diagonal
+      entry is ``softplus(raw) + min_std``, an entry below the diagonal is the raw output itself.
+
+    For ``T = 1`` that is ``(mean, scale)``, exactly :class:`NLL`'s layout and density; for
+    ``T = 2`` the 5 outputs are ``(mu_0, mu_1, L_00, L_10, L_11)``. The diagonal head
+    (``NLL()``) has ``2 T`` outputs; the full one adds the ``T (T - 1) / 2`` correlations. The
+    width is no multiple of a per-target count, so :meth:`output_width` (used by the regression
+    task's output check) gives it; :attr:`num_outputs` is the width for one target, 2.
+
+    Moments: :meth:`mean_and_std` gives the means and the marginal standard deviations
+    ``sqrt(diag Sigma)`` (each the norm of a row of ``L``), the ``[..., T]`` of the prediction
+    contract; :meth:`covariance` the full ``Sigma`` ``[..., T, T]``. :meth:`log_prob` is the
+    **joint** log-density of the ``T`` targets, one value per point ``[...]`` (not per target):
+    ``-T/2 log(2 pi) - sum_t log L_tt - |L^-1 (y - mu)|^2 / 2`` (a triangular solve). The ``nll``
+    metric divides the joint NLL by ``T``, a per-target figure comparable with a diagonal head's.
+
+    Targets must be ``[..., T]`` with ``T`` the network's (``T >= 1``; one target as ``[N, 1]``,
+    not ``[N]``).
+
+    Args:
+        min_std: floor added to each diagonal entry of ``L``.
+    """
+
+    num_outputs = 2
+
+    def __init__(self, min_std: float = 1e-6) -> None:
+        super().__init__()
+        self.min_std = non_negative_finite(min_std, "min_std")
+
+    def output_width(self, num_targets: int) -> int:
+        """``T (T + 3) / 2``: ``T`` means and the ``T (T + 1) / 2`` entries of ``L``."""
+        return num_targets * (num_targets + 3) // 2
+
+    def num_targets(self, outputs: Tensor) -> int:
+        """``T`` from the output width ``T (T + 3) / 2``, or an error naming ``n_outputs``."""
+        width = outputs.shape[-1]
+        num_targets = num_targets_of_width(width)
+        if num_targets is None:
+            raise ValueError(
+                f"the network gives {width} outputs per point, which is no width of "
+                f"MultivariateNLL: it needs T (T + 3) / 2 outputs for T >= 1 targets (T means "
+                f"and the T (T + 1) / 2 entries of the covariance's Cholesky factor: 2 for 1 "
+                f"target, 5 for 2, 9 for 3, 14 for 4); set the network's `n_outputs` to that"
+            )
+        return num_targets
+
+    def parameters_of(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean [..., T], scale_tril [..., T, T])``, the Cholesky factor ``L`` of the covariance."""
+        num_targets = self.num_targets(outputs)
+        mean, entries = outputs[..., :num_targets], outputs[..., num_targets:]
+        rows, cols = torch.tril_indices(num_targets, num_targets, device=outputs.device)
+        on_diagonal = rows == cols
+        entries = torch.where(on_diagonal, softplus_std(entries, self.min_std), entries)
+        scale_tril = entries.new_zeros(*entries.shape[:-1], num_targets, num_targets)
+        scale_tril[..., rows, cols] = entries
+        return mean, scale_tril
+
+    def covariance(self, outputs: Tensor) -> Tensor:
+        """The covariance ``L L^T`` ``[..., T, T]``."""
+        _, scale_tril = self.parameters_of(outputs)
+        return scale_tril @ scale_tril.transpose(-1, -2)
+
+    def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean [..., T], marginal std sqrt(diag Sigma) [..., T])``."""
+        mean, scale_tril = self.parameters_of(outputs)
+        return mean, scale_tril.square().sum(-1).sqrt()
+
+    def _check_target(self, target: Tensor, num_targets: int) -> None:
+        if target.ndim < 2 or target.shape[-1] != num_targets:
+            hint = (
+                " (a 1-D target [N] is ambiguous: write one target as [N, 1])"
+                if target.ndim == 1
+                else ""
+            )
+            raise ValueError(
+                f"MultivariateNLL needs targets [..., T] with T = {num_targets}, the network's "
+                f"number of targets (its {self.output_width(num_targets)} outputs), got a target "
+                f"of shape {tuple(target.shape)}{hint}"
+            )
+
+    def log_prob(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Joint Gaussian log-density of the ``T`` targets, one value per point ``[...]``."""
+        mean, scale_tril = self.parameters_of(outputs)
+        num_targets = mean.shape[-1]
+        self._check_target(target, num_targets)
+        residual = target.to(mean.dtype) - mean  # [..., T], the target broadcast
+        batch = torch.broadcast_shapes(residual.shape[:-1], scale_tril.shape[:-2])
+        whitened = torch.linalg.solve_triangular(  # L^-1 (y - mu)
+            scale_tril.expand(*batch, num_targets, num_targets),
+            residual.expand(*batch, num_targets).unsqueeze(-1),
+            upper=False,
+        ).squeeze(-1)
+        log_det = torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)
+        return -0.5 * num_targets * LOG_2PI - log_det - 0.5 * whitened.square().sum(-1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw ``mu + L z`` (``z`` standard normal) of each point's Gaussian ``[..., T]``."""
+        mean, scale_tril = self.parameters_of(outputs)
+        noise = torch.randn(
+            mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+        ).unsqueeze(-1)
+        return mean + (scale_tril @ noise).squeeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"min_std={self.min_std}"
 
 
 class NormalInverseGammaNLL(Likelihood):

@@ -73,7 +73,7 @@ def write_report(
 
     Regression: the data, the training metrics (from the run's ``metrics.csv``), the predictions
     with their epistemic and aleatoric parts (1-D inputs), and the calibration curve on the test
-    set. Classification: the training metrics, the decision surface with its mutual-information
+    set (several targets: their marginal intervals pooled). Classification: the training metrics, the decision surface with its mutual-information
     map (2-D inputs with a ``grid``), and the reliability diagram on the test set. Segmentation
     and pixel regression: the training metrics, the per-pixel maps of the first test images and
     the sparsification curves (:func:`_dense_plots`). ``index.md``
@@ -133,9 +133,13 @@ def _regression_plots(
         reason = f"inputs of shape {tuple(x_train.shape[1:])}, targets {tuple(y_train.shape[1:])}"
         report.skip("data and predictions", f"need 1-D inputs and one target ({reason})")
     preds = model.predict_step(x_test)
-    report.save(
-        plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test), "calibration.png"
-    )
+    if y_test.shape[-1] == 1:
+        fig = plot_calibration(preds["pred"], preds["pred_uct"], y_test, x_test)
+    else:  # several targets: one curve over every target's marginal interval, pooled
+        fig = plot_calibration(
+            preds["pred"].reshape(-1), preds["pred_uct"].reshape(-1), y_test.reshape(-1)
+        )
+    report.save(fig, "calibration.png")
 
 
 def _regression_predictions_plot(

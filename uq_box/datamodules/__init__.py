@@ -9,6 +9,7 @@ from uq_box.datamodules.classification import (
     make_spiral,
     rotate_images,
 )
+from uq_box.datamodules.correlated import ToyCorrelatedDatamodule
 from uq_box.datamodules.dense import ToyPixelRegressionDatamodule, ToySegmentationDatamodule
 from uq_box.datamodules.ood import (
     DigitsHeldOutDatamodule,
@@ -39,6 +40,7 @@ __all__ = [
     "StackedDataModule",
     "StackedLoader",
     "ToyBimodalDatamodule",
+    "ToyCorrelatedDatamodule",
     "ToyGapDatamodule",
     "ToyHeteroscedasticDatamodule",
     "ToyPixelRegressionDatamodule",

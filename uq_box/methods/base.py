@@ -30,12 +30,20 @@ from uq_box.methods.predictive import (
     QuantileLevels,
     criterion_mean_and_std,
     criterion_num_outputs,
+    criterion_output_width,
     regression_predictive,
     regression_quantiles,
     update_regression_metrics,
 )
 from uq_box.methods.predictive_classification import classification_predictive
-from uq_box.metrics import CRPS, GaussianNLL, IntervalCoverage, MiscalibrationArea, MixtureNLL
+from uq_box.metrics import (
+    CRPS,
+    EnergyScore,
+    GaussianNLL,
+    IntervalCoverage,
+    MiscalibrationArea,
+    MixtureNLL,
+)
 from uq_box.metrics.classification import BrierScore, ExpectedCalibrationError, MulticlassNLL
 from uq_box.nn.graph import in_functorch_transform
 
@@ -656,7 +664,9 @@ class RegressionTask:
 
         ``nll`` scores the real predictive density (the criterion's ``log_prob``, mixed over
         the samples or members: :class:`~uq_box.metrics.MixtureNLL`); ``nll_gaussian`` the
-        Gaussian with the predictive mean and std (the same for one Gaussian network).
+        Gaussian with the predictive mean and std (the same for one Gaussian network). A
+        criterion with a full covariance (:class:`~uq_box.losses.MultivariateNLL`) adds
+        ``energy_score``, the multivariate score of draws of the predictive.
         """
         metrics: dict[str, Metric] = {
             "nll": MixtureNLL(),
@@ -666,6 +676,8 @@ class RegressionTask:
             "coverage_95": IntervalCoverage(level=0.95),
             "miscalibration_area": MiscalibrationArea(),
         }
+        if hasattr(self.criterion, "covariance"):
+            metrics["energy_score"] = EnergyScore()
         return nn.ModuleDict(metrics)
 
     def setup_task(self) -> None:
@@ -696,8 +708,10 @@ class RegressionTask:
         return preds
 
     def check_outputs(self, outputs: Tensor, target: Tensor) -> None:
-        """The network must give ``criterion.num_outputs`` outputs per target."""
-        expected = criterion_num_outputs(self.criterion) * target.shape[-1]
+        """The network must give ``criterion.num_outputs`` outputs per target (a full covariance
+        head: its ``output_width(T)``).
+        """
+        expected = criterion_output_width(self.criterion, target.shape[-1])
         if outputs.shape[-1] != expected:
             raise ValueError(
                 f"the network gives {outputs.shape[-1]} outputs per point but the criterion "

@@ -61,7 +61,8 @@ class MVERegression(RegressionTask, Deterministic):
 
     Any heteroscedastic likelihood family of :mod:`uq_box.losses` may replace the Gaussian:
     ``NLL(beta=0.5)`` (beta-NLL), ``StudentTNLL()``, ``LaplaceNLL()``, ``LogNormalNLL()`` (the
-    network then gives that family's ``num_outputs`` per target).
+    network then gives that family's ``num_outputs`` per target), or ``MultivariateNLL()``, a
+    full covariance over the ``T`` targets (``T (T + 3) / 2`` outputs per point).
     """
 
     def check_criterion(self, criterion: nn.Module) -> None:

@@ -32,11 +32,17 @@ def regression_predictive(
         criterion: reads ``O`` outputs as ``(mean, std)`` through ``mean_and_std``.
         noise_std: homoscedastic noise std used when the criterion gives no std (mean-only).
 
+    A criterion with a full covariance (``covariance``, :class:`~uq_box.losses.MultivariateNLL`)
+    gives marginal stds through ``mean_and_std``, so the keys above are the marginal moments; the
+    prediction adds ``covariance`` ``[N, T, T]``, the mixture's by the law of total variance for
+    matrices: ``mean_s Sigma_s + mean_s (mu_s - pred)(mu_s - pred)^T``.
+
     Returns:
         ``pred``, ``pred_uct`` (total std), ``epistemic_uct``, ``aleatoric_uct`` (stds), each
         ``[N, T]`` for ``T`` targets, ``samples`` ``[S, N, T]`` (the sampled means) and, when the
         criterion has a density (``log_prob``), ``outputs``: the raw outputs ``[S, N, O]``,
-        from which the ``nll`` metric reads the real predictive density.
+        from which the ``nll`` metric reads the real predictive density; ``covariance``
+        ``[N, T, T]`` when the criterion has one.
     """
     means, stds = criterion_mean_and_std(criterion, outputs)
     pred = means.mean(0)
@@ -59,7 +65,50 @@ def regression_predictive(
         "aleatoric_uct": aleatoric_var.sqrt(),
         "samples": means,
         **({"outputs": outputs} if hasattr(criterion, "log_prob") else {}),
+        **({"covariance": mixture_covariance(outputs, criterion)} if _full(criterion) else {}),
     }
+
+
+def _full(criterion: nn.Module) -> bool:
+    """A criterion with a full covariance per point (``covariance``)."""
+    return hasattr(criterion, "covariance")
+
+
+def mixture_covariance(outputs: Tensor, criterion: nn.Module) -> Tensor:
+    """Covariance ``[N, T, T]`` of the equal-weight mixture of the samples' Gaussians.
+
+    The law of total variance for matrices: ``Cov[y] = E_s[Sigma_s] + Cov_s[mu_s]``, the mean of
+    the samples' covariances (``criterion.covariance(outputs)`` ``[S, N, T, T]``) plus the
+    covariance of their means (over ``S``, divided by ``S``).
+    """
+    means, _ = criterion.mean_and_std(outputs)
+    centered = means - means.mean(0)
+    spread = (centered.unsqueeze(-1) * centered.unsqueeze(-2)).mean(0)
+    return criterion.covariance(outputs).mean(0) + spread
+
+
+def predictive_draws(
+    outputs: Tensor,
+    criterion: nn.Module,
+    num_draws: int = 32,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draws ``[M, N, T]`` of the mixture over ``S`` samples, through ``criterion.sample``.
+
+    Stratified over the samples: each of the ``S`` samples' distributions gives ``M / S`` draws,
+    ``M`` the smallest multiple of ``S`` that is at least ``num_draws``, so the draws' mixture
+    weights are exactly equal.
+
+    Args:
+        outputs: raw network outputs ``[S, N, O]``.
+        criterion: with ``sample(outputs, generator)`` (one draw per leading index).
+        num_draws: at least this many draws per point.
+        generator: the random generator (``None``: torch's global one).
+    """
+    num_samples = outputs.shape[0]
+    repeats = -(-max(int(num_draws), 1) // num_samples)
+    tiled = outputs.repeat(repeats, *([1] * (outputs.ndim - 1)))  # [M, N, O], sample s at s + kS
+    return criterion.sample(tiled, generator=generator)
 
 
 def predictive_log_probs(preds: dict[str, Tensor], target: Tensor, criterion: nn.Module) -> Tensor:
@@ -86,6 +135,16 @@ def criterion_num_outputs(criterion: nn.Module) -> int:
     return int(getattr(criterion, "num_outputs", 1))
 
 
+def criterion_output_width(criterion: nn.Module, num_targets: int) -> int:
+    """Network outputs per point for ``num_targets`` targets: the criterion's
+    ``output_width(num_targets)`` when it has one (a full covariance head needs
+    ``T (T + 3) / 2``), else ``num_outputs * num_targets``.
+    """
+    if hasattr(criterion, "output_width"):
+        return int(criterion.output_width(num_targets))
+    return criterion_num_outputs(criterion) * num_targets
+
+
 def update_regression_metrics(
     metrics: nn.ModuleDict,
     preds: dict[str, Tensor],
@@ -100,14 +159,24 @@ def update_regression_metrics(
     ``interval_width``: ``upper - lower``; ``pinball``: the pinball loss of the predicted
     ``quantiles`` at ``quantile_levels`` (the method's, when it was asked for quantiles) or else
     the criterion's ``levels``; a :class:`~uq_box.metrics.MixtureNLL`
-    (``nll``): the per-sample log-densities of :func:`predictive_log_probs`; any other name: the
-    Gaussian ``(pred, pred_uct, target)`` (``nll_gaussian``, CRPS, coverage of a Gaussian
-    interval, calibration).
+    (``nll``): the per-sample log-densities of :func:`predictive_log_probs` (joint ones, ``[S,
+    N]`` for ``T`` targets, count ``T`` times: a per-target NLL); ``energy_score``: draws of the
+    predictive mixture (:func:`predictive_draws`, 32 per point at least, a fixed seed so that the
+    global random state is untouched; skipped for a prediction without ``outputs``); any other name: the Gaussian ``(pred, pred_uct, target)``
+    (``nll_gaussian``, CRPS, coverage of a Gaussian interval, calibration).
     """
     target = target.to(preds["pred"].dtype)
     for name, metric in metrics.items():
         if isinstance(metric, MixtureNLL):
-            metric.update(predictive_log_probs(preds, target, criterion))
+            log_probs = predictive_log_probs(preds, target, criterion)
+            joint = log_probs.ndim == target.ndim  # [S, N] for targets [N, T]
+            metric.update(log_probs, num_targets=target.shape[-1] if joint else 1)
+        elif name == "energy_score":
+            if "outputs" not in preds:  # a wrapper's calibrated prediction: no draws to score
+                continue
+            generator = torch.Generator(target.device).manual_seed(0)
+            draws = predictive_draws(preds["outputs"], criterion, generator=generator)
+            metric.update(draws, target)
         elif name == "rmse":
             metric.update(preds["pred"], target)
         elif name == "coverage":

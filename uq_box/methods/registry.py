@@ -309,6 +309,15 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry(DeterministicRegression, n_outputs=1, stochastic=False),
     _DETERMINISTIC_CLASSIFICATION,
     _MVE,
+    # a full covariance head (T (T + 3) / 2 outputs): on the suite's one target, 2, the NLL's
+    # layout; the correlations are fitted in tests/methods/test_methods_multivariate.py
+    MethodEntry(
+        MVERegression,
+        {"criterion": {"class_path": "uq_box.losses.MultivariateNLL"}},
+        n_outputs=2,
+        stochastic=False,
+        label="MVERegression[MultivariateNLL]",
+    ),
     _QUANTILE,
     MethodEntry(
         BNNVIRegression,

@@ -44,7 +44,11 @@ class MixtureNLL(Metric):
 
     ``update(log_probs)`` takes the per-sample log-densities ``[S, B]`` or ``[S, B, T]`` of a
     batch's targets; the state is a sum and a count (summed across processes under DDP), so
-    batches of any size give the mean over all points (and targets).
+    batches of any size give the mean over all points (and targets). ``update(log_probs,
+    num_targets=T)`` takes joint log-densities ``[S, B]`` of ``T`` targets each (a multivariate
+    predictive, :class:`~uq_box.losses.MultivariateNLL`) and counts each point ``T`` times: the
+    mean is then per target, the joint NLL divided by ``T`` (for independent targets the mean of
+    their marginal NLLs).
 
     Args:
         kwargs: passed to :class:`torchmetrics.Metric`.
@@ -59,11 +63,13 @@ class MixtureNLL(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, log_probs: Tensor) -> None:
-        """Add a batch's per-sample log-densities ``[S, B, ...]``."""
+    def update(self, log_probs: Tensor, num_targets: int = 1) -> None:
+        """Add a batch's per-sample log-densities ``[S, B, ...]`` (each a joint density of
+        ``num_targets`` targets).
+        """
         log_density = mixture_log_prob(log_probs)
         self.total += -log_density.sum().to(self.total.dtype)
-        self.count += log_density.numel()
+        self.count += log_density.numel() * int(num_targets)
 
     def compute(self) -> Tensor:
         """The mean NLL over every point seen since the last reset."""
