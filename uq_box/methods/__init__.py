@@ -69,6 +69,7 @@ from uq_box.methods.efficient_ensembles import (
     Rank1BNNRegression,
 )
 from uq_box.methods.laplace import Laplace, LaplaceClassification, LaplaceRegression
+from uq_box.methods.likelihood import DERRegression, MDNRegression
 from uq_box.methods.mc_batchnorm import (
     MCBatchNormClassification,
     MCBatchNormMethod,
@@ -142,6 +143,7 @@ __all__ = [
     "DeepEnsembleBinaryClassification",
     "DeepEnsembleClassification",
     "DeepEnsembleRegression",
+    "DERRegression",
     "Deterministic",
     "DeterministicBinaryClassification",
     "DeterministicClassification",
@@ -161,6 +163,7 @@ __all__ = [
     "MCDropoutClassification",
     "MCDropoutMethod",
     "MCDropoutRegression",
+    "MDNRegression",
     "MatrixScaling",
     "MVERegression",
     "PostHocCalibration",
