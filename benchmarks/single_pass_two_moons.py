@@ -22,6 +22,7 @@ from uq_box.methods import (
     DDUClassification,
     DeepEnsembleClassification,
     DeterministicClassification,
+    DUEClassification,
     MCDropoutClassification,
     SNGPClassification,
 )
@@ -45,6 +46,7 @@ def methods() -> dict:
             MLP(2, [128], 2), optimizer=OPTIMIZER, num_features=512
         ),
         "DDU": lambda: DDUClassification(MLP(2, [128], 2), optimizer=OPTIMIZER),
+        "DUE (M=20)": lambda: DUEClassification(MLP(2, [128], 2), optimizer=OPTIMIZER),
     }
 
 

@@ -51,6 +51,7 @@ from uq_box.methods.deterministic import (
     DeterministicRegression,
     MVERegression,
 )
+from uq_box.methods.due import DUE, DUEClassification, DUERegression
 from uq_box.methods.efficient_ensembles import (
     MIMO,
     BatchEnsemble,
@@ -139,6 +140,9 @@ __all__ = [
     "ConformalClassification",
     "DDU",
     "DDUClassification",
+    "DUE",
+    "DUEClassification",
+    "DUERegression",
     "DeepEnsemble",
     "DeepEnsembleBinaryClassification",
     "DeepEnsembleClassification",

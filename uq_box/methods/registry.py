@@ -67,6 +67,7 @@ from uq_box.methods.deterministic import (
     DeterministicRegression,
     MVERegression,
 )
+from uq_box.methods.due import DUEClassification, DUERegression
 from uq_box.methods.efficient_ensembles import (
     BatchEnsembleClassification,
     BatchEnsembleRegression,
@@ -399,6 +400,11 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry(SNGPRegression, {"num_features": 32, "num_mc_samples_test": 4}, n_outputs=2),
     MethodEntry(SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}),
     MethodEntry(DDUClassification, stochastic=False),
+    MethodEntry(DUERegression, {"num_inducing": 4, "num_mc_samples_test": 4}, n_outputs=1),
+    MethodEntry(
+        DUEClassification,
+        {"num_inducing": 4, "num_mc_samples_train": 2, "num_mc_samples_test": 4},
+    ),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(
         ConformalClassification,
