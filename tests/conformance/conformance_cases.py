@@ -208,7 +208,8 @@ def check_contract(
         return
     for key, value in preds.items():
         if key == "pred_set":  # the one boolean key: a conformal prediction set per point
-            assert value.dtype == torch.bool and value.shape == (n, num_classes), value.shape
+            shape = (n, num_classes, 8, 8) if entry.dense else (n, num_classes)  # (or pixel)
+            assert value.dtype == torch.bool and value.shape == shape, value.shape
             continue
         assert value.dtype == dtype, (key, value.dtype)
         assert torch.isfinite(value).all(), key
@@ -380,13 +381,16 @@ def bad_inputs(entry: MethodEntry) -> list[BadInput]:
     leaf = entry.leaf
     if entry.posthoc:
         other = "classification" if entry.task == "regression" else "regression"
+        if entry.dense:  # the other dense task
+            other = "pixel_regression" if entry.task == "segmentation" else "segmentation"
         wrong = next(e for e in METHODS if e.base is None and e.task == other and not e.laplace)
+        task = entry.task.replace("_", " ")
         cases.append(
             BadInput(
                 "base_of_the_other_task",
                 lambda: entry.cls(wrong.build(network(wrong)), **entry.kwargs),
                 TypeError,
-                ("`model`", wrong.cls.__name__, f"a fitted {entry.task} method"),
+                ("`model`", wrong.cls.__name__, f"a fitted {task} method"),
             )
         )
     elif leaf.task in ("regression", "pixel_regression"):

@@ -23,6 +23,7 @@ from uq_box.methods.calibrators import (
     VectorScaling,
 )
 from uq_box.methods.conformal_classification import ConformalClassification
+from uq_box.methods.conformal_dense import ConformalPixelRegression, ConformalSegmentation
 from uq_box.methods.ddu import DDU, DDUClassification
 from uq_box.methods.deep_ensemble import (
     DeepEnsemble,
@@ -138,6 +139,8 @@ __all__ = [
     "Rank1BNNRegression",
     "ClassificationTask",
     "ConformalClassification",
+    "ConformalPixelRegression",
+    "ConformalSegmentation",
     "DDU",
     "DDUClassification",
     "DUE",

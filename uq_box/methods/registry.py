@@ -44,6 +44,7 @@ from uq_box.methods.calibrators import (
     VectorScaling,
 )
 from uq_box.methods.conformal_classification import ConformalClassification
+from uq_box.methods.conformal_dense import ConformalPixelRegression, ConformalSegmentation
 from uq_box.methods.ddu import DDUClassification
 from uq_box.methods.deep_ensemble import DeepEnsembleClassification, DeepEnsembleRegression
 from uq_box.methods.dense import (
@@ -303,6 +304,18 @@ _DENSE: tuple[MethodEntry, ...] = (
     MethodEntry(SWAGPixelRegression, _DENSE_SWAG, n_outputs=2),
     MethodEntry(SGMCMCSegmentation, _DENSE_SGMCMC),
     MethodEntry(SGMCMCPixelRegression, _DENSE_SGMCMC, n_outputs=2),
+    MethodEntry(
+        ConformalSegmentation,
+        {"alpha": 0.2},
+        base=MethodEntry(DeterministicSegmentation, stochastic=False),
+        stochastic=False,
+    ),
+    MethodEntry(
+        ConformalPixelRegression,
+        {"alpha": 0.2},
+        base=MethodEntry(DeterministicPixelRegression, n_outputs=2, stochastic=False),
+        stochastic=False,
+    ),
 )
 
 METHODS: tuple[MethodEntry, ...] = (
