@@ -16,7 +16,9 @@ from uq_box.benchmarks.digits import (
     METHODS,
     NOT_BENCHMARKED,
     POSTHOC,
+    SAMPLING,
     TRAINED,
+    WRAPPED,
     build_method,
     datamodule,
     load_config,
@@ -68,7 +70,10 @@ def test_fast_run_through_the_cli_writes_the_table(tmp_path):
 
 def test_every_classification_method_of_the_registry_has_a_row():
     """A classification class of the registry is benchmarked, or says why not."""
-    benchmarked = {cls.__name__ for cls in (*TRAINED.values(), *POSTHOC.values())}
+    benchmarked = {
+        cls.__name__ for cls in (*TRAINED.values(), *WRAPPED.values(), *POSTHOC.values())
+    }
+    assert not [reason for reason in NOT_BENCHMARKED.values() if "not yet" in reason]
     for item in registry.METHODS:
         if item.task != "classification":
             continue
@@ -90,9 +95,15 @@ def test_each_row_is_the_library_class_with_the_yaml_settings():
         if method == "laplace" and not digits.laplace_available():
             continue
         model = build_method(method, options, base=deterministic)
-        assert isinstance(model, (TRAINED | POSTHOC)[method]), method
-        if method in TRAINED:
-            assert isinstance(model.model, CNN) or method == "deep_ensemble"
+        assert isinstance(model, (TRAINED | WRAPPED | POSTHOC)[method]), method
+        if method in TRAINED and method != "deep_ensemble":  # one CNN, converted in place
+            assert any(isinstance(m, CNN) for m in model.modules()), method
+    mcbn = build_method("mc_batchnorm", digits._options(config, "mc_batchnorm"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in mcbn.modules())
+    tta = build_method("tta", digits._options(config, "tta"), base=deterministic)
+    assert (
+        tta.model is deterministic and tta.transforms.std == config["methods"]["tta"]["noise_std"]
+    )
     sgld = build_method("sgld", digits._options(config, "sgld"))
     optimizer = sgld.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
@@ -103,6 +114,28 @@ def test_each_row_is_the_library_class_with_the_yaml_settings():
     assert isinstance(optimizer, SGHMC)
     with pytest.raises(ValueError, match="needs the fitted `base`"):
         build_method("temperature_scaling", digits._options(config, "temperature_scaling"))
+
+
+def test_new_rows_run_on_a_few_images():
+    """The rows added after the first run (MC BatchNorm, TTA, the parameter-efficient ensembles,
+    DUE), one epoch on 120 images: every metric in range, MI for all of them.
+    """
+    new = ["mc_batchnorm", "batch_ensemble", "packed_ensemble", "masksembles", "mimo"]
+    new += ["rank1_bnn", "due", "tta"]
+    config = load_config()
+    config["eval_samples"] = 4
+    config["ood_angles"] = [90]
+    config["methods"]["rank1_bnn"]["samples_per_member"] = 1
+    results = run_benchmark(new, [0], config, epochs=1, train_points=120, progress=False)
+    assert list(results["method"]) == [m for m in METHODS if m in new]
+    for key in ("accuracy", "set_coverage", "ece", "aurc", "ood_auroc_entropy", "ood_auroc_mi"):
+        assert results[key].between(0, 1).all(), (key, results[key])
+    assert set(new) <= set(SAMPLING)
+    assert results.set_index("method").loc["tta", "fit_seconds"] == 0.0  # nothing fitted
+    table = markdown_table(results)
+    assert "| MC BatchNorm (CNN with BatchNorm) | `MCBatchNormClassification` | 1 |" in table
+    assert "| + test-time augmentation (noise) | `TTAClassification` | 1 |" in table
+    assert "| DUE | `DUEClassification` | 1 |" in table
 
 
 def test_splits_are_disjoint_and_the_held_out_part_is_halved():

@@ -108,3 +108,15 @@ def test_to_bayesian_and_sample_forward():
     last = to_bayesian(CNN(), [-1])
     assert sum(isinstance(m, BayesianLinear) for m in last.modules()) == 1
     assert sample_forward(last, x, 5).shape == (5, 6, 10)
+
+
+def test_batch_norm_option():
+    torch.manual_seed(0)
+    cnn = CNN(batch_norm=True)
+    kinds = [type(m) for m in cnn.model]
+    assert kinds.count(nn.BatchNorm2d) == 2 and kinds.count(nn.BatchNorm1d) == 1
+    for i, kind in enumerate(kinds):  # BatchNorm right after its layer, before the ReLU
+        if kind in (nn.BatchNorm2d, nn.BatchNorm1d):
+            assert kinds[i - 1] in (nn.Conv2d, nn.Linear) and kinds[i + 1] is nn.ReLU
+    assert cnn(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+    assert nn.BatchNorm2d not in [type(m) for m in CNN().modules()]  # off by default

@@ -11,13 +11,16 @@ from uq_box.checks import number_in, positive_int
 
 class CNN(nn.Module):
     """``[Conv2d(3x3, same) -> ReLU -> Dropout -> MaxPool2d(2)]`` per entry of ``channels``,
-    then ``Flatten -> Linear -> ReLU -> Dropout -> Linear``.
+    then ``Flatten -> Linear -> ReLU -> Dropout -> Linear`` (optionally BatchNorm before each
+    ``ReLU``).
 
     Everything is one ``nn.Sequential`` (``self.model``) with ``nn.Flatten`` inside it, so the
     network works on any batch size, including the folded ``[S * N, ...]`` batches of
     :func:`uq_box.nn.sample_forward`, and every ``Conv2d``/``Linear`` can be made Bayesian by
     :func:`uq_box.nn.to_bayesian`. The ``nn.Dropout`` modules after the activations are what MC
-    dropout switches on at test time (``dropout_p=0`` makes them no-ops).
+    dropout switches on at test time (``dropout_p=0`` makes them no-ops). ``batch_norm=True``
+    puts a ``BatchNorm2d`` after every ``Conv2d`` and a ``BatchNorm1d`` after the hidden
+    ``Linear``, before the activation (e.g. for MC BatchNorm, which needs BatchNorm layers).
 
     Args:
         in_channels: channels of the input images.
@@ -26,6 +29,7 @@ class CNN(nn.Module):
         hidden: width of the hidden fully connected layer.
         dropout_p: dropout probability after every activation.
         image_size: height and width of the (square) input images.
+        batch_norm: a BatchNorm layer after every convolution and the hidden ``Linear``.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class CNN(nn.Module):
         hidden: int = 64,
         dropout_p: float = 0.0,
         image_size: int = 8,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -62,6 +67,7 @@ class CNN(nn.Module):
         for out in channels:
             layers += [
                 nn.Conv2d(width, out, kernel_size=3, padding=1),
+                *([nn.BatchNorm2d(out)] if batch_norm else []),
                 nn.ReLU(),
                 nn.Dropout(dropout_p),
                 nn.MaxPool2d(2),
@@ -70,6 +76,7 @@ class CNN(nn.Module):
         layers += [
             nn.Flatten(),
             nn.Linear(width * size * size, hidden),
+            *([nn.BatchNorm1d(hidden)] if batch_norm else []),
             nn.ReLU(),
             nn.Dropout(dropout_p),
             nn.Linear(hidden, n_classes),
