@@ -11,5 +11,7 @@ bash scripts/setup.sh --laplace
 ./.venv/bin/ruff check uq_box tests benchmarks notebooks
 ./.venv/bin/ruff format --check uq_box tests benchmarks notebooks
 NO_MKDOCS_2_WARNING=1 ./.venv/bin/mkdocs build --strict --site-dir "$(mktemp -d)"
-./.venv/bin/python -m pytest "$@"
+# two worker processes, one per core (each test file stays on one worker, so its module
+# fixtures are built once); UQ_BOX_TEST_WORKERS=0 runs in this process
+./.venv/bin/python -m pytest -n "${UQ_BOX_TEST_WORKERS:-2}" --dist loadfile "$@"
 ./.venv-laplace/bin/python -m pytest -m laplace "$@"

@@ -191,7 +191,7 @@ def test_value_errors_name_the_argument(kwargs, pattern):
         (np.zeros((5, 2), dtype=bool), "X_train.*bool"),
         (np.zeros((5, 2), dtype=complex), "X_train"),
     ],
-    ids=str,
+    ids=["str", "object", "dict", "ragged", "bool", "complex"],
 )
 def test_type_errors_name_the_argument(value, pattern):
     with pytest.raises(TypeError, match=pattern):

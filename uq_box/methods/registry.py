@@ -82,6 +82,7 @@ from uq_box.methods.efficient_ensembles import (
     Rank1BNNRegression,
 )
 from uq_box.methods.laplace import LaplaceClassification, LaplaceRegression
+from uq_box.methods.likelihood import DERRegression, MDNRegression
 from uq_box.methods.mc_batchnorm import MCBatchNormClassification, MCBatchNormRegression
 from uq_box.methods.mc_dropout import MCDropoutClassification, MCDropoutRegression
 from uq_box.methods.posthoc import ConformalRegression, PostHocCalibration, TemperatureScaling
@@ -352,6 +353,15 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry(
         MCDropoutClassification, {"num_mc_samples_test": 4}, dropout=True, backbone_table=True
     ),
+    MethodEntry(
+        MVERegression,
+        {"criterion": {"class_path": "uq_box.losses.StudentTNLL", "init_args": {"df": 4.0}}},
+        n_outputs=2,
+        stochastic=False,
+        label="MVERegression[StudentT]",
+    ),
+    MethodEntry(MDNRegression, {"num_components": 2}, n_outputs=6, stochastic=False),
+    MethodEntry(DERRegression, {"coeff": 0.01}, n_outputs=4),
     MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2, backbone_table=True),
     _DEEP_ENSEMBLE_CLASSIFICATION,
     MethodEntry(
