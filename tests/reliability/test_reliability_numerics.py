@@ -38,8 +38,6 @@ DIVERGES = {
     ("SGLDRegression", "targets_1e6"): "plain SGLD's fixed step diverges on targets ~1e6",
     ("SGLDRegression", "targets_1e6_and_outliers"): "plain SGLD's fixed step diverges on 1e6",
     ("SGHMCRegression", "targets_1e6_and_outliers"): "SGHMC gives a NaN loss at epoch 0, step 4",
-    ("LaplaceRegression", "float64"): "Laplace passes float64 inputs to the float32 network "
-    "uncast (RuntimeError: mat1 and mat2 must have the same dtype)",
 }
 
 
