@@ -46,7 +46,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from uq_box.benchmarks.uci import _quiet_lightning, _read_yaml
+from uq_box.benchmarks.uci import (
+    _merged_config,
+    _parse_list,
+    _parse_ranges,
+    _quiet_lightning,
+    _trainer,
+)
 from uq_box.datamodules import DigitsDatamodule
 from uq_box.datamodules.ood import RotatedDigitsDatamodule
 from uq_box.methods import (
@@ -208,27 +214,7 @@ _GLOBAL_KEYS = {
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
     """The benchmark hyperparameters: ``digits.yaml``, updated (method-wise) from ``path``."""
-    config = _read_yaml(DEFAULT_CONFIG)
-    if path is None or Path(path).resolve() == DEFAULT_CONFIG.resolve():
-        return config
-    path = Path(path)
-    loaded = _read_yaml(path)
-    unknown = set(loaded) - _GLOBAL_KEYS
-    if unknown:
-        raise ValueError(
-            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(_GLOBAL_KEYS)}"
-        )
-    for key, value in loaded.items():
-        if key == "methods":
-            for method, options in (value or {}).items():
-                if method not in METHODS:
-                    raise ValueError(
-                        f"`--config` {path}: unknown method {method!r}; known {METHODS}"
-                    )
-                config["methods"][method].update(options or {})
-        else:
-            config[key] = value
-    return config
+    return _merged_config(DEFAULT_CONFIG, path, _GLOBAL_KEYS, METHODS)
 
 
 def _options(config: dict[str, Any], method: str) -> dict[str, Any]:
@@ -267,20 +253,37 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
     initialization.
     """
     if method in POSTHOC or method in WRAPPED:
-        if base is None:
-            raise ValueError(f"post-hoc `method` {method!r} needs the fitted `base` method")
-        if method == "tta":  # noise drawn per copy: eval_samples augmentations per image
-            return TTAClassification(
-                base,
-                transforms=GaussianNoise(float(options["noise_std"])),
-                num_mc_samples_test=int(options["eval_samples"]),
-            )
-        kwargs = {k: options[k] for k in _POSTHOC_KWARGS[method] if k in options}
-        return POSTHOC[method](base, **kwargs)
+        return _wrap_fitted(method, options, base)
     if method not in TRAINED:
         raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
-    adam = partial(torch.optim.Adam, lr=float(options["lr"]))
-    samples = int(options["eval_samples"])
+    for family in (_baseline, _ensemble, _single_pass, _bayesian):
+        built = family(method, options)
+        if built is not None:
+            return built
+    raise AssertionError(f"no builder for {method!r}")  # every TRAINED method has one
+
+
+def _wrap_fitted(method: str, options: dict[str, Any], base: UQMethod | None) -> UQMethod:
+    """A post-hoc calibrator or the TTA wrapper around the fitted ``base``."""
+    if base is None:
+        raise ValueError(f"post-hoc `method` {method!r} needs the fitted `base` method")
+    if method == "tta":  # noise drawn per copy: eval_samples augmentations per image
+        return TTAClassification(
+            base,
+            transforms=GaussianNoise(float(options["noise_std"])),
+            num_mc_samples_test=int(options["eval_samples"]),
+        )
+    kwargs = {k: options[k] for k in _POSTHOC_KWARGS[method] if k in options}
+    return POSTHOC[method](base, **kwargs)
+
+
+def _adam(options: dict[str, Any]) -> partial:
+    return partial(torch.optim.Adam, lr=float(options["lr"]))
+
+
+def _baseline(method: str, options: dict[str, Any]) -> UQMethod | None:
+    """The deterministic network and its MC dropout / MC batch norm variants."""
+    adam, samples = _adam(options), int(options["eval_samples"])
     if method == "deterministic":
         return DeterministicClassification(_network(options), optimizer=adam)
     if method == "mc_dropout":
@@ -293,11 +296,16 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
         return MCBatchNormClassification(
             _network(options, batch_norm=True), optimizer=adam, num_mc_samples_test=samples
         )
+    return None
+
+
+def _ensemble(method: str, options: dict[str, Any]) -> UQMethod | None:
+    """The deep ensemble and the efficient (one-network) ensembles."""
+    adam, members = _adam(options), int(options.get("num_members", 1))
     if method == "deep_ensemble":
         return DeepEnsembleClassification(
             _network(options), optimizer=adam, num_members=int(options["num_members"])
         )
-    members = int(options.get("num_members", 1))
     if method == "batch_ensemble":
         return BatchEnsembleClassification(_network(options), optimizer=adam, num_members=members)
     if method == "packed_ensemble":
@@ -329,6 +337,12 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
             num_mc_samples_train=int(options["num_mc_samples_train"]),
             num_mc_samples_test=int(options["samples_per_member"]),
         )
+    return None
+
+
+def _single_pass(method: str, options: dict[str, Any]) -> UQMethod | None:
+    """The distance-aware single-pass methods: DUE, SNGP, DDU."""
+    adam, samples = _adam(options), int(options["eval_samples"])
     if method == "due":
         return DUEClassification(
             _network(options),
@@ -339,6 +353,40 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
             num_mc_samples_train=int(options["num_mc_samples_train"]),
             num_mc_samples_test=samples,
         )
+    if method == "sngp":
+        return SNGPClassification(
+            _network(options),
+            optimizer=adam,
+            coefficient=float(options["coefficient"]),
+            num_features=int(options["num_features"]),
+            lengthscale=float(options["lengthscale"]),
+            ridge_penalty=float(options["ridge_penalty"]),
+            num_mc_samples_test=samples,
+        )
+    if method == "ddu":
+        return DDUClassification(
+            _network(options), optimizer=adam, coefficient=float(options["coefficient"])
+        )
+    return None
+
+
+def _sampler(method: str, options: dict[str, Any]) -> partial:
+    """The SG-MCMC optimizer of ``"sgld"`` or ``"sghmc"``."""
+    if method == "sgld":
+        return partial(
+            SGLD, lr=float(options["lr"]), preconditioned=bool(options["preconditioned"])
+        )
+    return partial(
+        SGHMC,
+        lr=float(options["lr"]),
+        mdecay=float(options["mdecay"]),
+        num_burn_in_steps=int(options["num_burn_in_steps"]),
+    )
+
+
+def _bayesian(method: str, options: dict[str, Any]) -> UQMethod | None:
+    """The approximate posteriors: BNN VI, SWAG, SG-MCMC, Laplace."""
+    adam, samples = _adam(options), int(options["eval_samples"])
     if method == "bnn_vi":
         return BNNVIClassification(
             _network(options),
@@ -361,20 +409,9 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
             scale=float(options["scale"]),
         )
     if method in ("sgld", "sghmc"):
-        if method == "sgld":
-            sampler = partial(
-                SGLD, lr=float(options["lr"]), preconditioned=bool(options["preconditioned"])
-            )
-        else:
-            sampler = partial(
-                SGHMC,
-                lr=float(options["lr"]),
-                mdecay=float(options["mdecay"]),
-                num_burn_in_steps=int(options["num_burn_in_steps"]),
-            )
         return SGMCMCClassification(
             _network(options),
-            optimizer=sampler,
+            optimizer=_sampler(method, options),
             stochastic_module_names=None,
             prior=float(options["prior_std"]),
             burnin_epochs=int(options["burnin_epochs"]),
@@ -382,32 +419,19 @@ def build_method(method: str, options: dict[str, Any], base: UQMethod | None = N
             max_num_samples=int(options["max_num_samples"]),
             num_mc_samples_test=min(samples, int(options["max_num_samples"])),
         )
-    if method == "sngp":
-        return SNGPClassification(
+    if method == "laplace":
+        return LaplaceClassification(
             _network(options),
             optimizer=adam,
-            coefficient=float(options["coefficient"]),
-            num_features=int(options["num_features"]),
-            lengthscale=float(options["lengthscale"]),
-            ridge_penalty=float(options["ridge_penalty"]),
+            subset_of_weights=str(options["subset_of_weights"]),
+            hessian_structure=str(options["hessian_structure"]),
+            prior_precision=float(options["prior_precision"]),
+            optimize_prior_precision=options["optimize_prior_precision"],
+            pred_type=str(options["pred_type"]),
+            link_approx=str(options["link_approx"]),
             num_mc_samples_test=samples,
         )
-    if method == "ddu":
-        return DDUClassification(
-            _network(options), optimizer=adam, coefficient=float(options["coefficient"])
-        )
-    # laplace
-    return LaplaceClassification(
-        _network(options),
-        optimizer=adam,
-        subset_of_weights=str(options["subset_of_weights"]),
-        hessian_structure=str(options["hessian_structure"]),
-        prior_precision=float(options["prior_precision"]),
-        optimize_prior_precision=options["optimize_prior_precision"],
-        pred_type=str(options["pred_type"]),
-        link_approx=str(options["link_approx"]),
-        num_mc_samples_test=samples,
-    )
+    return None
 
 
 _POSTHOC_KWARGS = {
@@ -458,17 +482,6 @@ def datamodule(config: dict[str, Any], seed: int, train_points: int | None = Non
         x, y = dm.split("train")
         dm._set_split("train", x[:train_points], y[:train_points])
     return dm
-
-
-def _trainer(num_epochs: int) -> Any:
-    from lightning import Trainer
-
-    # barebones: no logging, checkpoints, progress bar or summary; no validation (no model
-    # selection on the held-out splits)
-    return Trainer(
-        max_epochs=num_epochs, accelerator="cpu", devices=1, barebones=True,
-        limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
 
 
 def evaluate(method: UQMethod, dm: Any, config: dict[str, Any], sampling: bool) -> dict[str, float]:
@@ -629,29 +642,11 @@ def markdown_table(results: Any) -> str:
 # The command
 
 
-def _parse_methods(value: str) -> list[str]:
-    if value == "all":
-        return list(METHODS)
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in items if v not in METHODS]
-    if unknown or not items:
-        raise SystemExit(
-            f"error: `--methods` got unknown {unknown or value!r}; valid: all, {', '.join(METHODS)}"
-        )
-    return items
-
-
 def _parse_seeds(value: str | None, config: dict[str, Any]) -> list[int]:
     if value is None:
         return [int(s) for s in config["seeds"]]
     try:
-        out: list[int] = []
-        for part in value.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
+        out = _parse_ranges(value)
     except ValueError:
         raise SystemExit(f"error: `--seeds` must be '0,1,2' or '0-2', got {value!r}") from None
     if not out or min(out) < 0:
@@ -689,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
     args = build_parser().parse_args(argv)
-    methods = _parse_methods(args.methods)
+    methods = _parse_list(args.methods, METHODS, "--methods")
     config = load_config(args.config)
     seeds = _parse_seeds(args.seeds, config)
     workers = int(config["workers"] if args.workers is None else args.workers)

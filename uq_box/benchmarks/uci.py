@@ -127,28 +127,40 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None) -> dict[str, Any]:
-    """The benchmark hyperparameters: ``uci.yaml``, updated (method-wise) from ``path``."""
-    config = _read_yaml(DEFAULT_CONFIG)
-    if path is None or Path(path).resolve() == DEFAULT_CONFIG.resolve():
+def _merged_config(
+    default: Path, path: str | Path | None, known_keys: set[str], methods: Sequence[str]
+) -> dict[str, Any]:
+    """The YAML ``default``, updated from the YAML ``path`` (its ``methods`` method-wise).
+
+    ``path`` may set only ``known_keys`` and options of the ``methods``; ``None`` (or
+    ``default`` itself) gives ``default`` unchanged.
+    """
+    config = _read_yaml(default)
+    if path is None or Path(path).resolve() == default.resolve():
         return config
     path = Path(path)
     loaded = _read_yaml(path)
-    unknown = set(loaded) - _GLOBAL_KEYS
+    unknown = set(loaded) - known_keys
     if unknown:
         raise ValueError(
-            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(_GLOBAL_KEYS)}"
+            f"`--config` {path}: unknown keys {sorted(unknown)}; known {sorted(known_keys)}"
         )
     for key, value in loaded.items():
         if key == "methods":
             for method, options in (value or {}).items():
-                if method not in METHODS:
+                if method not in methods:
                     raise ValueError(
-                        f"`--config` {path}: unknown method {method!r}; known {METHODS}"
+                        f"`--config` {path}: unknown method {method!r}; known {methods}"
                     )
                 config["methods"][method].update(options or {})
         else:
             config[key] = value
+    return config
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The benchmark hyperparameters: ``uci.yaml``, updated (method-wise) from ``path``."""
+    config = _merged_config(DEFAULT_CONFIG, path, _GLOBAL_KEYS, METHODS)
     unknown = set(config.get("per_dataset") or {}) - set(UCI_DATASETS)
     if unknown:
         raise ValueError(
@@ -282,7 +294,8 @@ def _trainer(num_epochs: int) -> Any:
     from lightning import Trainer
 
     # barebones: no logging, checkpoints, progress bar or summary (the benchmark reads the
-    # predictions); Lightning's per-step bookkeeping is a large part of a step this small
+    # predictions); Lightning's per-step bookkeeping is a large part of a step this small. No
+    # validation: no model selection on the held-out splits
     return Trainer(
         max_epochs=num_epochs, accelerator="cpu", devices=1, barebones=True,
         limit_val_batches=0, num_sanity_val_steps=0,
@@ -628,22 +641,27 @@ def _parse_list(value: str, valid: Sequence[str], argument: str) -> list[str]:
     return items
 
 
+def _parse_ranges(value: str) -> list[int]:
+    """The integers of ``"0,1,2"`` or ``"0-2"`` (or a mix); ``ValueError`` when malformed."""
+    out: list[int] = []
+    for part in value.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
 def _parse_splits(value: str) -> list[int] | None:
     if value == "all":
         return None
     try:
-        out: list[int] = []
-        for part in value.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
+        return _parse_ranges(value)
     except ValueError:
         raise SystemExit(
             f"error: `--splits` must be 'all', '0,1,2' or '0-4', got {value!r}"
         ) from None
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

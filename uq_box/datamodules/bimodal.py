@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from uq_box.checks import non_negative_finite, positive_finite
-from uq_box.datamodules._splits import split_counts
+from uq_box.datamodules._splits import check_input_range, independent_splits, split_counts
 from uq_box.datamodules.base import ArrayDataModule
 
 
@@ -58,8 +58,7 @@ class ToyBimodalDatamodule(ArrayDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        if not x_min < x_max:
-            raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
+        check_input_range(x_min, x_max)
         slope = positive_finite(slope, "slope")
         noise_std = non_negative_finite(noise_std, "noise_std")
         n_train, n_val = split_counts(n_points, val_fraction)
@@ -68,10 +67,6 @@ class ToyBimodalDatamodule(ArrayDataModule):
             _draw_branches, x_min=x_min, x_max=x_max, slope=slope, noise_std=noise_std,
             generator=generator,
         )  # fmt: skip
-        x_train, y_train = draw(n_train)
-        x_val, y_val = draw(n_val) if n_val > 0 else (None, None)
-        x_test, y_test = draw(n_test)
-        super().__init__(
-            x_train, y_train, x_val, y_val, x_test, y_test, batch_size=batch_size, seed=seed
-        )
+        splits = independent_splits(draw, n_train, n_val, n_test)
+        super().__init__(*splits, batch_size=batch_size, seed=seed)
         self.slope, self.noise_std = slope, noise_std

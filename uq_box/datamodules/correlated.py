@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from uq_box.checks import number_in, positive_finite
-from uq_box.datamodules._splits import split_counts
+from uq_box.datamodules._splits import check_input_range, independent_splits, split_counts
 from uq_box.datamodules.base import ArrayDataModule
 
 
@@ -59,8 +59,7 @@ class ToyCorrelatedDatamodule(ArrayDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        if not x_min < x_max:
-            raise ValueError(f"`x_min` must be below `x_max`, got {x_min} and {x_max}")
+        check_input_range(x_min, x_max)
         noise_std = positive_finite(noise_std, "noise_std")
         correlation = number_in(correlation, "correlation", -1.0, 1.0)
         n_train, n_val = split_counts(n_points, val_fraction)
@@ -70,11 +69,7 @@ class ToyCorrelatedDatamodule(ArrayDataModule):
             _draw_correlated, x_min=x_min, x_max=x_max,
             scale_tril=torch.linalg.cholesky(covariance), generator=generator,
         )  # fmt: skip
-        x_train, y_train = draw(n_train)
-        x_val, y_val = draw(n_val) if n_val > 0 else (None, None)
-        x_test, y_test = draw(n_test)
-        super().__init__(
-            x_train, y_train, x_val, y_val, x_test, y_test, batch_size=batch_size, seed=seed
-        )
+        splits = independent_splits(draw, n_train, n_val, n_test)
+        super().__init__(*splits, batch_size=batch_size, seed=seed)
         self.noise_std, self.correlation = noise_std, correlation
         self.noise_covariance = covariance

@@ -167,6 +167,17 @@ def make_toy_pixel_regression(
     }
 
 
+def _check_sizes(n_train: int, n_val: int, n_test: int, image_size: int) -> None:
+    for value, name in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
+        positive_int(value, name)
+    int_at_least(image_size, "image_size", 8)
+
+
+def _arrays(*splits: dict[str, Tensor]) -> list[Tensor]:
+    """``input``, ``target`` of each split in turn (``ArrayDataModule``'s arguments)."""
+    return [split[key] for split in splits for key in ("input", "target")]
+
+
 class ToySegmentationDatamodule(ArrayDataModule):
     """Toy segmentation (see :func:`make_toy_segmentation`): 3 classes, images ``[1, H, W]``.
 
@@ -204,9 +215,7 @@ class ToySegmentationDatamodule(ArrayDataModule):
         eval_batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        for value, name in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-            positive_int(value, name)
-        int_at_least(image_size, "image_size", 8)
+        _check_sizes(n_train, n_val, n_test, image_size)
         non_negative_finite(noise_std, "noise_std")
         number_in(boundary_width, "boundary_width", 0.0)
         number_in(occluder_prob, "occluder_prob", 0.0, 1.0, closed="low high")
@@ -224,12 +233,7 @@ class ToySegmentationDatamodule(ArrayDataModule):
         test_shapes = ("disk", "square", "triangle") if ood else ("disk", "square")
         test = make_toy_segmentation(n_test, shapes=test_shapes, **common)
         super().__init__(
-            train["input"],
-            train["target"],
-            val["input"],
-            val["target"],
-            test["input"],
-            test["target"],
+            *_arrays(train, val, test),
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             seed=seed,
@@ -265,20 +269,13 @@ class ToyPixelRegressionDatamodule(ArrayDataModule):
         eval_batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        for value, name in ((n_train, "n_train"), (n_val, "n_val"), (n_test, "n_test")):
-            positive_int(value, name)
-        int_at_least(image_size, "image_size", 8)
+        _check_sizes(n_train, n_val, n_test, image_size)
         g = torch.Generator().manual_seed(seed)
         train = make_toy_pixel_regression(n_train, image_size, g)
         val = make_toy_pixel_regression(n_val, image_size, g)
         test = make_toy_pixel_regression(n_test, image_size, g, scale=2.5 if ood else 1.0)
         super().__init__(
-            train["input"],
-            train["target"],
-            val["input"],
-            val["target"],
-            test["input"],
-            test["target"],
+            *_arrays(train, val, test),
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             seed=seed,

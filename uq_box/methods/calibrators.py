@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 from uq_box.checks import non_negative_finite, positive_int
-from uq_box.methods.base import ClassificationTask, UQMethod, unpack_batch
-from uq_box.methods.posthoc import PostHocCalibration
+from uq_box.methods.base import UQMethod
+from uq_box.methods.posthoc import LogitCalibration
 from uq_box.methods.predictive_classification import classification_predictive
 
 __all__ = [
@@ -78,7 +78,7 @@ def _mean_nll(log_p: Tensor, target: Tensor) -> Tensor:
     return -log_mean.gather(-1, target.unsqueeze(-1)).mean()
 
 
-class ClassifierCalibration(ClassificationTask, PostHocCalibration):
+class ClassifierCalibration(LogitCalibration):
     """Base of the classifier calibrators: collect logits, fit, predict the contract.
 
     Subclasses implement :meth:`fit_map` (on the collected logits ``[S, N, C]`` and targets) and
@@ -89,17 +89,11 @@ class ClassifierCalibration(ClassificationTask, PostHocCalibration):
         model: a fitted classification method (a ``ClassificationTask`` ``UQMethod``).
     """
 
-    default_split = "val"
-    concat_dims = {"logits": 1, "target": 0}
     #: buffers sized by the number of classes (resized when a checkpoint is loaded).
     fitted_buffers: tuple[str, ...] = ()
+    summary_buffers = {"calibration_points": "num_calibration_points"}
 
     def __init__(self, model: UQMethod) -> None:
-        if not isinstance(model, UQMethod) or not isinstance(model, ClassificationTask):
-            raise TypeError(
-                f"`model` must be a fitted classification method (a ClassificationTask "
-                f"UQMethod such as DeterministicClassification), got {type(model).__name__}"
-            )
         super().__init__(model)
         self.register_buffer("num_calibration_points", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_classes", torch.zeros((), dtype=torch.long))
@@ -119,13 +113,6 @@ class ClassifierCalibration(ClassificationTask, PostHocCalibration):
         """Whether the map has been fitted."""
         return int(self.num_calibration_points) > 0
 
-    def collect(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """The wrapped method's logits ``[S, B, C]`` and the targets of one batch."""
-        logits = self.model.predict_step(x)["logits"]
-        target = target.to(logits.device)
-        self._check_target(logits, target)
-        return {"logits": logits, "target": target}
-
     def fit_calibration(self, collected: dict[str, Tensor]) -> None:
         """Fit the map on every calibration point."""
         logits, target = collected["logits"].detach(), collected["target"].long()
@@ -134,31 +121,18 @@ class ClassifierCalibration(ClassificationTask, PostHocCalibration):
         self.num_calibration_points = torch.tensor(target.numel(), device=device)
         self.num_classes = torch.tensor(logits.shape[-1], device=device)
 
-    def calibration_summary(self) -> dict[str, float]:
-        """The number of calibration points."""
-        return {"calibration_points": float(self.num_calibration_points)}
-
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The classification contract of the calibrated logits, see the module doc."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        logits = self.wrapped_predictions(batch)["logits"]
         with torch.no_grad():
-            logits = self.model.predict_step(x)["logits"]
             if logits.shape[-1] != int(self.num_classes):
                 raise ValueError(
                     f"{type(self).__name__} was calibrated on {int(self.num_classes)} classes but "
                     f"the wrapped method now gives {logits.shape[-1]}"
                 )
             return classification_predictive(self.calibrated_logits(logits))
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # the fitted buffers are sized by the number of classes, unknown until calibration
-        for name in self.fitted_buffers:
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class _AffineCalibration(ClassifierCalibration):

@@ -56,10 +56,11 @@ import torch
 from torch import Tensor, nn
 
 from uq_box.checks import non_negative_finite, non_negative_int
-from uq_box.methods.base import ClassificationTask, UQMethod, unpack_batch
+from uq_box.methods.base import ClassificationTask, UQMethod
 from uq_box.methods.posthoc import (
     PostHocCalibration,
     _check_alpha,
+    check_wrapped_model,
     conformal_quantile,
     conformal_rank,
 )
@@ -370,6 +371,13 @@ class ConformalClassification(ClassificationTask, PostHocCalibration):
 
     default_split = "val"
     concat_dims = {"scores": 0, "target": 0, "num_classes": 0}
+    # one threshold, or one per class (Mondrian)
+    fitted_buffers = ("threshold",)
+    # the threshold is the mean over classes with ``mondrian``
+    summary_buffers = {
+        "conformal_threshold": "threshold",
+        "calibration_points": "num_calibration_points",
+    }
 
     def __init__(
         self,
@@ -381,11 +389,9 @@ class ConformalClassification(ClassificationTask, PostHocCalibration):
         lam: float = 0.01,
         mondrian: bool = False,
     ) -> None:
-        if not isinstance(model, UQMethod) or not isinstance(model, ClassificationTask):
-            raise TypeError(
-                f"`model` must be a fitted classification method (a ClassificationTask "
-                f"UQMethod such as DeterministicClassification), got {type(model).__name__}"
-            )
+        check_wrapped_model(
+            model, ClassificationTask, "classification", "DeterministicClassification"
+        )
         alpha = _check_alpha(alpha)
         score = _check_score(score)
         for name, flag in (("randomized", randomized), ("mondrian", mondrian)):
@@ -442,21 +448,12 @@ class ConformalClassification(ClassificationTask, PostHocCalibration):
         self.threshold = threshold.detach().double().reshape(-1).to(self.threshold.device)
         self.num_calibration_points = torch.tensor(scores.shape[0], device=self.threshold.device)
 
-    def calibration_summary(self) -> dict[str, float]:
-        """The threshold (mean over classes with ``mondrian``) and the calibration points."""
-        return {
-            "conformal_threshold": self.threshold.float().mean().item(),
-            "calibration_points": float(self.num_calibration_points),
-        }
-
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The wrapped method's prediction plus the prediction sets ``pred_set`` ``[N, C]``."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        preds = self.wrapped_predictions(batch)
         with torch.no_grad():
-            preds = dict(self.model.predict_step(x))
             probs = preds["pred"]
             if self.mondrian and self.threshold.numel() != probs.shape[1]:
                 raise ValueError(
@@ -487,10 +484,3 @@ class ConformalClassification(ClassificationTask, PostHocCalibration):
                 metric.update(preds["pred_set"])
             else:
                 metric.update(preds["pred"], target)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # one threshold, or one per class (Mondrian): the size is known after calibration
-        key = prefix + "threshold"
-        if key in state_dict:
-            self.threshold = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args)

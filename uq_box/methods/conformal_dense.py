@@ -51,9 +51,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from uq_box.methods.base import UQMethod, unpack_batch
+from uq_box.methods.base import UQMethod
 from uq_box.methods.dense import PixelRegressionTask, SegmentationTask
-from uq_box.methods.posthoc import MIN_STD, PostHocCalibration, _check_alpha
+from uq_box.methods.posthoc import MIN_STD, PostHocCalibration, _check_alpha, check_wrapped_model
 from uq_box.metrics.dense import IGNORE_INDEX
 
 __all__ = [
@@ -287,17 +287,23 @@ class _DenseConformal(PostHocCalibration):
 
     default_split = "val"
     concat_dims = {"scores": 0}
+    # one threshold per target for pixel regression
+    fitted_buffers = ("threshold",)
+    # the threshold is the mean over targets
+    summary_buffers = {
+        "risk_threshold": "threshold",
+        "calibration_images": "num_calibration_images",
+    }
     _task: type = object
 
     def __init__(self, model: UQMethod, alpha: float = 0.1) -> None:
-        if not isinstance(model, UQMethod) or not isinstance(model, self._task):
-            task = "segmentation" if self._task is SegmentationTask else "pixel regression"
-            example = "MCDropoutSegmentation" if task == "segmentation" else "DeepEnsemble"
-            example += "" if task == "segmentation" else "PixelRegression"
-            raise TypeError(
-                f"`model` must be a fitted {task} method (a {self._task.__name__} UQMethod such "
-                f"as {example}), got {type(model).__name__}"
-            )
+        segmentation = self._task is SegmentationTask
+        check_wrapped_model(
+            model,
+            self._task,
+            "segmentation" if segmentation else "pixel regression",
+            "MCDropoutSegmentation" if segmentation else "DeepEnsemblePixelRegression",
+        )
         alpha = _check_alpha(alpha)
         super().__init__(model)
         self.alpha = alpha
@@ -310,19 +316,9 @@ class _DenseConformal(PostHocCalibration):
         """Whether a threshold has been computed."""
         return not bool(self.threshold.isnan().any())
 
-    def calibration_summary(self) -> dict[str, float]:
-        """The threshold (mean over targets) and the number of calibration images."""
-        return {
-            "risk_threshold": self.threshold.float().mean().item(),
-            "calibration_images": float(self.num_calibration_images),
-        }
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # one threshold per target for pixel regression, known after calibration
-        key = prefix + "threshold"
-        if key in state_dict:
-            self.threshold = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def _set_threshold(self, threshold: Tensor, num_images: int) -> None:
+        self.threshold = threshold.to(self.threshold.device)
+        self.num_calibration_images = torch.tensor(num_images, device=self.threshold.device)
 
 
 class ConformalSegmentation(SegmentationTask, _DenseConformal):
@@ -377,17 +373,14 @@ class ConformalSegmentation(SegmentationTask, _DenseConformal):
         """``lambda_hat`` of the calibration images' scores."""
         scores = collected["scores"]
         threshold = risk_control_threshold(scores, self.alpha)
-        self.threshold = threshold.reshape(1).to(self.threshold.device)
-        self.num_calibration_images = torch.tensor(scores.shape[0], device=self.threshold.device)
+        self._set_threshold(threshold.reshape(1), scores.shape[0])
 
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The wrapped method's prediction plus ``pred_set`` ``[N, C, H, W]``."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        preds = self.wrapped_predictions(batch)
         with torch.no_grad():
-            preds = dict(self.model.predict_step(x))
             preds["pred_set"] = segmentation_prediction_sets(preds["pred"], self.threshold[0])
         return preds
 
@@ -463,17 +456,14 @@ class ConformalPixelRegression(PixelRegressionTask, _DenseConformal):
         thresholds = [
             risk_control_threshold(scores[:, t], self.alpha) for t in range(scores.shape[1])
         ]
-        self.threshold = torch.stack(thresholds).clamp_min(0.0).to(self.threshold.device)
-        self.num_calibration_images = torch.tensor(scores.shape[0], device=self.threshold.device)
+        self._set_threshold(torch.stack(thresholds).clamp_min(0.0), scores.shape[0])
 
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The wrapped method's prediction with ``lower`` / ``upper`` ``[N, T, H, W]``."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        preds = self.wrapped_predictions(batch)
         with torch.no_grad():
-            preds = dict(self.model.predict_step(x))
             pred, old_std = preds["pred"], preds["pred_uct"]
             if self.threshold.numel() != pred.shape[1]:
                 raise ValueError(

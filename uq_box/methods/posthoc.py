@@ -48,8 +48,10 @@ from uq_box.metrics.functional_quantiles import gaussian_quantiles
 
 __all__ = [
     "ConformalRegression",
+    "LogitCalibration",
     "PostHocCalibration",
     "TemperatureScaling",
+    "check_wrapped_model",
     "conformal_quantile",
     "conformal_rank",
     "tempered_nll",
@@ -109,6 +111,18 @@ def _check_alpha(alpha: float) -> float:
     return number_in(alpha, "alpha", 0.0, 1.0)
 
 
+def check_wrapped_model(model: Any, task: type, kind: str, examples: str) -> None:
+    """Raise a ``TypeError`` unless ``model`` is a ``UQMethod`` of ``task`` (e.g. ``RegressionTask``).
+
+    ``kind`` names the task in the message ("regression"), ``examples`` names methods that are.
+    """
+    if not isinstance(model, UQMethod) or not isinstance(model, task):
+        raise TypeError(
+            f"`model` must be a fitted {kind} method (a {task.__name__} UQMethod such as "
+            f"{examples}), got {type(model).__name__}"
+        )
+
+
 def _batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     for start in range(0, len(x), batch_size):
         yield x[start : start + batch_size], y[start : start + batch_size]
@@ -118,7 +132,9 @@ class PostHocCalibration(UQMethod):
     """Wrap a fitted method; calibrate on held-out data; no training of the network.
 
     Subclasses set :attr:`default_split`, :attr:`concat_dims` and implement :meth:`collect`
-    (per-batch statistics) and :meth:`fit_calibration` (on all of them).
+    (per-batch statistics) and :meth:`fit_calibration` (on all of them); they list the buffers
+    whose shape is known only after fitting in :attr:`fitted_buffers` and the numbers logged
+    after calibrating in :attr:`summary_buffers`.
 
     Args:
         model: the fitted method (kept as ``self.model``, a submodule).
@@ -128,6 +144,10 @@ class PostHocCalibration(UQMethod):
     default_split: str = "calib"
     #: concatenation dimension of each statistic returned by :meth:`collect`.
     concat_dims: dict[str, int] = {}
+    #: buffers whose shape is known only after calibration (resized when a checkpoint is loaded).
+    fitted_buffers: tuple[str, ...] = ()
+    #: logged name -> buffer of :meth:`calibration_summary` (the buffer's mean).
+    summary_buffers: dict[str, str] = {}
 
     def __init__(self, model: UQMethod) -> None:
         super().__init__(model)
@@ -245,8 +265,28 @@ class PostHocCalibration(UQMethod):
         self.log_dict(self.calibration_summary(), sync_dist=False)
 
     def calibration_summary(self) -> dict[str, float]:
-        """Numbers logged after calibrating in a validation loop."""
-        return {}
+        """Numbers logged after calibrating in a validation loop: :attr:`summary_buffers`."""
+        return {
+            name: getattr(self, buffer).float().mean().item()
+            for name, buffer in self.summary_buffers.items()
+        }
+
+    def wrapped_predictions(self, batch: Any) -> dict[str, Tensor]:
+        """A copy of the wrapped method's prediction dict of a batch's inputs (no gradients).
+
+        Fails when the wrapper is not calibrated yet.
+        """
+        self._check_calibrated()
+        x, _ = unpack_batch(batch)
+        with torch.no_grad():
+            return dict(self.model.predict_step(x))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # the fitted buffers' shapes (per target, class, knot) are unknown until calibration
+        for name in self.fitted_buffers:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def on_test_epoch_start(self) -> None:
         """Fail early when testing an uncalibrated wrapper."""
@@ -298,13 +338,17 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
 
     default_split = "calib"
     concat_dims = {"scores": 0}
+    # one conformal quantile per target
+    fitted_buffers = ("conformal_quantile",)
+    summary_buffers = {
+        "conformal_quantile": "conformal_quantile",
+        "calibration_points": "num_calibration_points",
+    }
 
     def __init__(self, model: UQMethod, alpha: float = 0.1, score: str = "auto") -> None:
-        if not isinstance(model, UQMethod) or not isinstance(model, RegressionTask):
-            raise TypeError(
-                f"`model` must be a fitted regression method (a RegressionTask UQMethod such as "
-                f"MVERegression or QuantileRegression), got {type(model).__name__}"
-            )
+        check_wrapped_model(
+            model, RegressionTask, "regression", "MVERegression or QuantileRegression"
+        )
         alpha = _check_alpha(alpha)
         if score not in SCORES:
             raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
@@ -373,21 +417,12 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
             num_points, device=self.conformal_quantile.device
         )
 
-    def calibration_summary(self) -> dict[str, float]:
-        """The conformal quantile (mean over targets) and the number of calibration points."""
-        return {
-            "conformal_quantile": self.conformal_quantile.float().mean().item(),
-            "calibration_points": float(self.num_calibration_points),
-        }
-
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The wrapped method's prediction with the conformal interval, see the class doc."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        preds = self.wrapped_predictions(batch)
         with torch.no_grad():
-            preds = dict(self.model.predict_step(x))
             # the raw outputs describe the uncalibrated density: `nll` scores the calibrated
             # Gaussian (pred, pred_uct) instead
             preds.pop("outputs", None)
@@ -419,15 +454,34 @@ class ConformalRegression(RegressionTask, PostHocCalibration):
                 preds["quantiles"] = gaussian_quantiles(center, new_std, self.quantile_levels)
         return preds
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # the conformal quantile has one entry per target, unknown until calibration
-        key = prefix + "conformal_quantile"
-        if key in state_dict:
-            self.conformal_quantile = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args)
+
+class LogitCalibration(ClassificationTask, PostHocCalibration):
+    """Base of the wrappers that calibrate a fitted classifier's logits on the ``"val"`` split.
+
+    Checks the wrapped method, collects its logits ``[S, B, C]`` and the labels of each batch.
+
+    Args:
+        model: a fitted classification method (a ``ClassificationTask`` ``UQMethod``).
+    """
+
+    default_split = "val"
+    concat_dims = {"logits": 1, "target": 0}
+
+    def __init__(self, model: UQMethod) -> None:
+        check_wrapped_model(
+            model, ClassificationTask, "classification", "DeterministicClassification"
+        )
+        super().__init__(model)
+
+    def collect(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The wrapped method's logits ``[S, B, C]`` and the targets of one batch."""
+        logits = self.model.predict_step(x)["logits"]
+        target = target.to(logits.device)
+        self._check_target(logits, target)
+        return {"logits": logits, "target": target}
 
 
-class TemperatureScaling(ClassificationTask, PostHocCalibration):
+class TemperatureScaling(LogitCalibration):
     """Temperature scaling of a fitted classifier's logits (Guo et al. 2017).
 
     One temperature ``T > 0`` divides every logit. It is fitted on held-out data (the ``"val"``
@@ -447,17 +501,11 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
         max_iter: L-BFGS iterations.
     """
 
-    default_split = "val"
-    concat_dims = {"logits": 1, "target": 0}
     #: range the fitted temperature is clamped to.
     temperature_range = (1e-3, 1e3)
+    summary_buffers = {"temperature": "temperature"}
 
     def __init__(self, model: UQMethod, max_iter: int = 100) -> None:
-        if not isinstance(model, UQMethod) or not isinstance(model, ClassificationTask):
-            raise TypeError(
-                f"`model` must be a fitted classification method (a ClassificationTask "
-                f"UQMethod such as DeterministicClassification), got {type(model).__name__}"
-            )
         super().__init__(model)
         self.max_iter = positive_int(max_iter, "max_iter")
         self.register_buffer("temperature", torch.tensor(math.nan))
@@ -467,13 +515,6 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
     def is_calibrated(self) -> bool:
         """Whether a temperature has been fitted."""
         return not bool(self.temperature.isnan())
-
-    def collect(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """The wrapped method's logits ``[S, B, C]`` and the targets of one batch."""
-        logits = self.model.predict_step(x)["logits"]
-        target = target.to(logits.device)
-        self._check_target(logits, target)
-        return {"logits": logits, "target": target}
 
     def fit_calibration(self, collected: dict[str, Tensor]) -> None:
         """Fit ``T`` by L-BFGS on ``log T``."""
@@ -516,16 +557,10 @@ class TemperatureScaling(ClassificationTask, PostHocCalibration):
         temperature = clamped
         self.temperature = torch.tensor(temperature, device=self.temperature.device)
 
-    def calibration_summary(self) -> dict[str, float]:
-        """The fitted temperature."""
-        return {"temperature": self.temperature.item()}
-
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The classification contract of the wrapped method's logits divided by ``T``."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        logits = self.wrapped_predictions(batch)["logits"]
         with torch.no_grad():
-            logits = self.model.predict_step(x)["logits"]
             return classification_predictive(logits / self.temperature.to(logits.dtype))

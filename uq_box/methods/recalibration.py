@@ -36,22 +36,14 @@ import torch
 from torch import Tensor
 
 from uq_box.checks import int_at_least
-from uq_box.methods.base import RegressionTask, UQMethod, unpack_batch
-from uq_box.methods.posthoc import MIN_STD, PostHocCalibration
+from uq_box.methods.base import RegressionTask, UQMethod
+from uq_box.methods.posthoc import MIN_STD, PostHocCalibration, check_wrapped_model
 from uq_box.metrics.functional_quantiles import gaussian_quantiles
 
 __all__ = ["IsotonicRecalibration", "RegressionRecalibration", "StdScaling"]
 
 #: keys of the wrapped prediction that describe the uncalibrated distribution (dropped).
 STALE_KEYS = ("lower", "upper", "quantiles", "outputs")
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, UQMethod) or not isinstance(model, RegressionTask):
-        raise TypeError(
-            f"`model` must be a fitted regression method (a RegressionTask UQMethod such as "
-            f"MVERegression or DeepEnsembleRegression), got {type(model).__name__}"
-        )
 
 
 class RegressionRecalibration(RegressionTask, PostHocCalibration):
@@ -70,10 +62,12 @@ class RegressionRecalibration(RegressionTask, PostHocCalibration):
 
     default_split = "calib"
     concat_dims = {"z": 0}
-    fitted_buffers: tuple[str, ...] = ()
+    summary_buffers = {"calibration_points": "num_calibration_points"}
 
     def __init__(self, model: UQMethod, quantile_levels: list[float] | None = None) -> None:
-        _check_model(model)
+        check_wrapped_model(
+            model, RegressionTask, "regression", "MVERegression or DeepEnsembleRegression"
+        )
         super().__init__(model)
         self.quantile_levels = quantile_levels
         self.register_buffer("num_calibration_points", torch.zeros((), dtype=torch.long))
@@ -97,10 +91,6 @@ class RegressionRecalibration(RegressionTask, PostHocCalibration):
     def collect(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Standardized residuals of one batch."""
         return {"z": self.standardized(self.model.predict_step(x), target)}
-
-    def calibration_summary(self) -> dict[str, float]:
-        """The number of calibration points."""
-        return {"calibration_points": float(self.num_calibration_points)}
 
     # -- to implement --------------------------------------------------------------------------
     def calibrated(self, preds: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -127,10 +117,9 @@ class RegressionRecalibration(RegressionTask, PostHocCalibration):
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         """The regression contract of the calibrated distribution (see the module doc)."""
-        self._check_calibrated()
-        x, _ = unpack_batch(batch)
+        preds = self.wrapped_predictions(batch)
         with torch.no_grad():
-            preds = {k: v for k, v in self.model.predict_step(x).items() if k not in STALE_KEYS}
+            preds = {k: v for k, v in preds.items() if k not in STALE_KEYS}
             old_pred, old_std = preds["pred"], preds["pred_uct"]
             pred, std, quantiles = self.calibrated(preds)
             std = std.clamp_min(MIN_STD)
@@ -143,14 +132,6 @@ class RegressionRecalibration(RegressionTask, PostHocCalibration):
             if quantiles is not None:
                 preds["quantiles"] = quantiles
         return preds
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # fitted buffers have one row per target (and knot), unknown until calibration
-        for name in self.fitted_buffers:
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class StdScaling(RegressionRecalibration):
