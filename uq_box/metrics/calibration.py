@@ -15,11 +15,12 @@ from torchmetrics.utilities import dim_zero_cat
 from uq_box.checks import positive_int
 from uq_box.metrics import functional_calibration as fcal
 from uq_box.metrics import functional_classification as fc
+from uq_box.metrics.classification import BinnedCalibrationMetric
 
 __all__ = ["AdaptiveCalibrationError", "ClasswiseCalibrationError"]
 
 
-class AdaptiveCalibrationError(Metric):
+class AdaptiveCalibrationError(BinnedCalibrationMetric):
     """Top-label expected calibration error with equal-mass bins.
 
     See :func:`uq_box.metrics.functional_calibration.adaptive_calibration_error`. The bins depend
@@ -31,14 +32,8 @@ class AdaptiveCalibrationError(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
     def __init__(self, num_bins: int = 15, **kwargs) -> None:
-        fc._check_num_bins(num_bins)
-        super().__init__(**kwargs)
-        self.num_bins = num_bins
+        super().__init__(num_bins, **kwargs)
         self.add_state("confidence", default=[], dist_reduce_fx="cat")
         self.add_state("correct", default=[], dist_reduce_fx="cat")
 

@@ -76,7 +76,25 @@ class BrierScore(_MeanOverPoints):
         return fc._brier_terms(probs, target)
 
 
-class ExpectedCalibrationError(Metric):
+class BinnedCalibrationMetric(Metric):
+    """Base of the calibration errors over ``num_bins`` confidence bins (lower is better).
+
+    Args:
+        num_bins: number of confidence bins.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_bins: int = 15, **kwargs) -> None:
+        fc._check_num_bins(num_bins)
+        super().__init__(**kwargs)
+        self.num_bins = num_bins
+
+
+class ExpectedCalibrationError(BinnedCalibrationMetric):
     """Top-label expected calibration error with equal-width bins.
 
     See :func:`uq_box.metrics.functional_classification.expected_calibration_error`.
@@ -89,14 +107,8 @@ class ExpectedCalibrationError(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
     def __init__(self, num_bins: int = 15, **kwargs) -> None:
-        fc._check_num_bins(num_bins)
-        super().__init__(**kwargs)
-        self.num_bins = num_bins
+        super().__init__(num_bins, **kwargs)
         self.add_state("conf_sum", default=torch.zeros(num_bins), dist_reduce_fx="sum")
         self.add_state("acc_sum", default=torch.zeros(num_bins), dist_reduce_fx="sum")
         self.add_state(
