@@ -569,9 +569,13 @@ class UQMethod(FastHookBookkeeping, LightningModule):
         """
         x, _ = unpack_batch(batch)
         with torch.no_grad(), eval_mode(self.model):
-            x = self._as_network_dtype(x.to(self.device))
-            outputs = self.sample_outputs(x, self.num_mc_samples_test)
-            return self.predictive(outputs)
+            return self.predict_inputs(self._as_network_dtype(x.to(self.device)))
+
+    def predict_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The prediction contract's dict of inputs already on the device and in the network's
+        dtype; ``predict_step`` calls it without gradients, the network in eval mode.
+        """
+        return self.predictive(self.sample_outputs(x, self.num_mc_samples_test))
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation terms and metrics (a metric's name wins over a term's)."""

@@ -161,19 +161,14 @@ class DDU(UQMethod):
             loader = self.trainer.datamodule.train_dataloader()
         self.fit_density(loader)
 
-    def predict_step(
-        self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
-    ) -> dict[str, Tensor]:
+    def predict_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """The softmax predictive, plus ``density_score`` (higher = more OOD) once fitted."""
-        x, _ = unpack_batch(batch)
-        with torch.no_grad(), eval_mode(self.model):
-            x = self._as_network_dtype(x.to(self.device))
-            logits, features = self.logits_and_features(x)
-            preds = self.predictive(logits.unsqueeze(0))
-            if self.density.fitted:
-                score = -self.density.log_density(features)
-                preds["density_score"] = score.to(logits.dtype)
-            return preds
+        logits, features = self.logits_and_features(x)
+        preds = self.predictive(logits.unsqueeze(0))
+        if self.density.fitted:
+            score = -self.density.log_density(features)
+            preds["density_score"] = score.to(logits.dtype)
+        return preds
 
 
 class DDUClassification(ClassificationTask, DDU):

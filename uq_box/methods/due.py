@@ -59,7 +59,7 @@ from uq_box.methods.base import (
     unpack_batch,
 )
 from uq_box.methods.predictive_classification import classification_predictive
-from uq_box.methods.sngp import output_layer_name, spectral_normalize_backbone
+from uq_box.methods.sngp import replace_output_layer
 from uq_box.metrics.functional_quantiles import gaussian_quantiles
 from uq_box.nn.svgp import GaussianLikelihood, SparseVariationalGP
 
@@ -125,27 +125,23 @@ class DUE(UQMethod):
             lengthscale = positive_finite(lengthscale, "lengthscale")
         if num_training_points is not None:
             num_training_points = positive_int(num_training_points, "num_training_points")
-        head_name = output_layer_name(model, output_layer)
-        head = model.get_submodule(head_name)
-        if type(head) is not nn.Linear:
-            raise ValueError(
-                f"`output_layer` {head_name!r} is a {type(head).__name__}; DUE replaces an "
-                f"nn.Linear output layer by its GP layer"
-            )
-        spectral_normalize_backbone(
-            model, spectral_module_names, head_name, coefficient, n_power_iterations
+        head_name = replace_output_layer(
+            model,
+            output_layer,
+            spectral_module_names,
+            coefficient,
+            n_power_iterations,
+            "DUE",
+            lambda head: SparseVariationalGP(
+                head.in_features,
+                head.out_features,
+                num_inducing=num_inducing,
+                kernel=kernel,
+                lengthscale=1.0 if lengthscale is None else lengthscale,
+            ),
         )
-        gp = SparseVariationalGP(
-            head.in_features,
-            head.out_features,
-            num_inducing=num_inducing,
-            kernel=kernel,
-            lengthscale=1.0 if lengthscale is None else lengthscale,
-        ).to(head.weight.device, head.weight.dtype)
-        parent, _, attribute = head_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, gp)
         if criterion is None:
-            criterion = self.default_likelihood(head.out_features)
+            criterion = self.default_likelihood(model.get_submodule(head_name).out_features)
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.output_layer_name = head_name
         self.num_mc_samples_train = num_mc_samples_train
@@ -258,15 +254,10 @@ class DUE(UQMethod):
             self.initialize_inducing_points(loader)
 
     # -- prediction --------------------------------------------------------------------------------
-    def predict_step(
-        self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
-    ) -> dict[str, Tensor]:
-        """The GP predictive of a batch (or a bare input tensor); see the module doc."""
-        x, _ = unpack_batch(batch)
-        with torch.no_grad(), eval_mode(self.model):
-            x = self._as_network_dtype(x.to(self.device))
-            mean, variance = self.marginals(x)
-            return self.gp_predictive(mean, variance)
+    def predict_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The GP predictive of network-ready inputs; see the module doc."""
+        mean, variance = self.marginals(x)
+        return self.gp_predictive(mean, variance)
 
     def gp_predictive(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         """The prediction contract's dict from the GP marginals ``[N, O]``."""

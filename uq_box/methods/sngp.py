@@ -44,9 +44,8 @@ deterministically (e.g. ``MLP(2, [64, 64], 2)``) is the SNGP backbone as it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +58,6 @@ from uq_box.methods.base import (
     OptimizerCallable,
     RegressionTask,
     UQMethod,
-    eval_mode,
-    unpack_batch,
 )
 from uq_box.methods.predictive import criterion_mean_and_std
 from uq_box.methods.predictive_classification import classification_predictive
@@ -75,6 +72,7 @@ __all__ = [
     "SNGPRegression",
     "capture_input",
     "output_layer_name",
+    "replace_output_layer",
     "spectral_normalize_backbone",
 ]
 
@@ -119,6 +117,36 @@ def spectral_normalize_backbone(
     except ValueError as error:
         message = str(error).replace("`module_names`", "`spectral_module_names`")
         raise ValueError(message) from None
+
+
+def replace_output_layer(
+    model: nn.Module,
+    output_layer: int | str,
+    spectral_module_names: Sequence[int] | Sequence[str] | None,
+    coefficient: float,
+    n_power_iterations: int,
+    method: str,
+    make_gp: Callable[[nn.Linear], nn.Module],
+) -> str:
+    """Spectral-normalize the backbone and put the GP layer ``make_gp(head)`` (on the head's
+    device and dtype) in place of its ``nn.Linear`` output layer ``output_layer``, in place.
+
+    Returns the output layer's dotted name; ``method`` names the caller in the errors.
+    """
+    head_name = output_layer_name(model, output_layer)
+    head = model.get_submodule(head_name)
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"`output_layer` {head_name!r} is a {type(head).__name__}; {method} replaces an "
+            f"nn.Linear output layer by its GP layer"
+        )
+    spectral_normalize_backbone(
+        model, spectral_module_names, head_name, coefficient, n_power_iterations
+    )
+    gp = make_gp(head).to(head.weight.device, head.weight.dtype)
+    parent, _, attribute = head_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, gp)
+    return head_name
 
 
 @contextmanager
@@ -183,26 +211,22 @@ class SNGP(UQMethod):
         mean_field_factor = positive_finite(mean_field_factor, "mean_field_factor")
         if num_training_points is not None:
             num_training_points = positive_int(num_training_points, "num_training_points")
-        head_name = output_layer_name(model, output_layer)
-        head = model.get_submodule(head_name)
-        if type(head) is not nn.Linear:
-            raise ValueError(
-                f"`output_layer` {head_name!r} is a {type(head).__name__}; SNGP replaces an "
-                f"nn.Linear output layer by its GP layer"
-            )
-        spectral_normalize_backbone(
-            model, spectral_module_names, head_name, coefficient, n_power_iterations
+        head_name = replace_output_layer(
+            model,
+            output_layer,
+            spectral_module_names,
+            coefficient,
+            n_power_iterations,
+            "SNGP",
+            lambda head: RandomFeatureGP(
+                head.in_features,
+                head.out_features,
+                num_features=num_features,
+                lengthscale=lengthscale,
+                ridge_penalty=ridge_penalty,
+                bias=head.bias is not None,
+            ),
         )
-        gp = RandomFeatureGP(
-            head.in_features,
-            head.out_features,
-            num_features=num_features,
-            lengthscale=lengthscale,
-            ridge_penalty=ridge_penalty,
-            bias=head.bias is not None,
-        ).to(head.weight.device, head.weight.dtype)
-        parent, _, attribute = head_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, gp)
         super().__init__(model, criterion, optimizer, lr_scheduler)
         self.output_layer_name = head_name
         self.num_mc_samples_test = num_mc_samples_test
@@ -261,15 +285,10 @@ class SNGP(UQMethod):
         features = self.gp.random_features(hidden[-1])
         return outputs, self.gp.predictive_variance(features)
 
-    def predict_step(
-        self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
-    ) -> dict[str, Tensor]:
-        """The GP predictive of a batch (or a bare input tensor); see the module doc."""
-        x, _ = unpack_batch(batch)
-        with torch.no_grad(), eval_mode(self.model):
-            x = self._as_network_dtype(x.to(self.device))
-            outputs, variance = self.gp_outputs(x)
-            return self.gp_predictive(outputs, variance)
+    def predict_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The GP predictive of network-ready inputs; see the module doc."""
+        outputs, variance = self.gp_outputs(x)
+        return self.gp_predictive(outputs, variance)
 
     def gp_predictive(self, outputs: Tensor, variance: Tensor) -> dict[str, Tensor]:
         """The prediction contract's dict from the GP mean outputs and variance."""

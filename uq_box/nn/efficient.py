@@ -340,25 +340,9 @@ class Rank1BayesianLinear(_Rank1Layer, BatchEnsembleLinear):
         self._init_posterior(prior, posterior_rho_init, init_std)
 
 
-class Rank1BayesianConv1d(_Rank1Layer, BatchEnsembleConv1d):
-    """1d convolution with Gaussian rank-1 factors (see :class:`Rank1BayesianConv2d`)."""
-
-    def __init__(
-        self,
-        *args: object,
-        prior: Distribution | float | None = None,
-        posterior_rho_init: float = -3.0,
-        init_std: float = 0.5,
-        **kwargs: object,
-    ) -> None:
-        BatchEnsembleConv1d.__init__(self, *args, **kwargs)
-        self._init_posterior(prior, posterior_rho_init, init_std)
-
-
-class Rank1BayesianConv2d(_Rank1Layer, BatchEnsembleConv2d):
-    """Convolution with Gaussian rank-1 factors over input and output channels (Dusenberry et
-    al. 2020); arguments of :class:`BatchEnsembleConv2d` plus ``prior``, ``posterior_rho_init``
-    and ``init_std`` of :class:`Rank1BayesianLinear`.
+class _Rank1Conv(_Rank1Layer):
+    """The constructor of :class:`Rank1BayesianConv1d` and :class:`Rank1BayesianConv2d`: the
+    BatchEnsemble convolution of their bases, then the posterior of the factors.
     """
 
     def __init__(
@@ -369,8 +353,19 @@ class Rank1BayesianConv2d(_Rank1Layer, BatchEnsembleConv2d):
         init_std: float = 0.5,
         **kwargs: object,
     ) -> None:
-        BatchEnsembleConv2d.__init__(self, *args, **kwargs)
+        super().__init__(*args, **kwargs)
         self._init_posterior(prior, posterior_rho_init, init_std)
+
+
+class Rank1BayesianConv1d(_Rank1Conv, BatchEnsembleConv1d):
+    """1d convolution with Gaussian rank-1 factors (see :class:`Rank1BayesianConv2d`)."""
+
+
+class Rank1BayesianConv2d(_Rank1Conv, BatchEnsembleConv2d):
+    """Convolution with Gaussian rank-1 factors over input and output channels (Dusenberry et
+    al. 2020); arguments of :class:`BatchEnsembleConv2d` plus ``prior``, ``posterior_rho_init``
+    and ``init_std`` of :class:`Rank1BayesianLinear`.
+    """
 
 
 def rank1_kl(model: nn.Module) -> Tensor:
@@ -758,8 +753,10 @@ def _packed_conv_sizes(
     return cin, cout, groups
 
 
-class PackedConv1d(nn.Conv1d):
-    """1d convolution of ``M`` packed members (see :class:`PackedConv2d`)."""
+class _PackedConv:
+    """The constructor of :class:`PackedConv1d` and :class:`PackedConv2d` (before the
+    ``nn.Conv*d`` in their bases).
+    """
 
     def __init__(
         self,
@@ -774,13 +771,17 @@ class PackedConv1d(nn.Conv1d):
         **kwargs: object,
     ) -> None:
         cin, cout, groups = _packed_conv_sizes(
-            "PackedConv1d", in_channels, out_channels, num_members, alpha, gamma, first, last
+            type(self).__name__, in_channels, out_channels, num_members, alpha, gamma, first, last
         )
         super().__init__(cin, cout, kernel_size, groups=groups, **kwargs)
         self.num_members = num_members
 
 
-class PackedConv2d(nn.Conv2d):
+class PackedConv1d(_PackedConv, nn.Conv1d):
+    """1d convolution of ``M`` packed members (see :class:`PackedConv2d`)."""
+
+
+class PackedConv2d(_PackedConv, nn.Conv2d):
     """``M`` independent convolution members packed in one grouped ``nn.Conv2d`` (Laurent et
     al. 2023): ``alpha * C`` channels in ``M * gamma`` groups, member ``m`` owning the ``m``-th
     block of channels; ``first`` takes the shared input (one group), ``last`` gives
@@ -797,24 +798,6 @@ class PackedConv2d(nn.Conv2d):
         last: the network's last layer.
         **kwargs: ``stride``, ``padding``, ``dilation``, ``bias`` of ``nn.Conv2d``.
     """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, ...],
-        num_members: int,
-        alpha: int = 2,
-        gamma: int = 1,
-        first: bool = False,
-        last: bool = False,
-        **kwargs: object,
-    ) -> None:
-        cin, cout, groups = _packed_conv_sizes(
-            "PackedConv2d", in_channels, out_channels, num_members, alpha, gamma, first, last
-        )
-        super().__init__(cin, cout, kernel_size, groups=groups, **kwargs)
-        self.num_members = num_members
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
