@@ -115,3 +115,20 @@ def test_nll_resolution_adds_the_rounding_variance():
     assert target_resolution(torch.randn(200).numpy()) == 0.0
     assert target_resolution([10.001, 10.002, 12.0, 15.0]) == 0.0  # 0.001 << std
     assert target_resolution([1.0, 1.0]) == 0.0
+
+
+def test_student_t_and_mixture_scales_carry_the_rounding_variance():
+    from uq_box.losses import GaussianMixtureNLL, StudentTNLL
+
+    step = 1.0
+    # (loc, raw scale) pairs of 3 targets; softplus(-30) is ~1e-13, a collapsed scale
+    outputs = torch.stack([torch.zeros(4, 3), torch.full((4, 3), -30.0)], -1).reshape(4, 6)
+    _, scale, _ = StudentTNLL(df=4.0, min_scale=0.0, resolution=step).parameters_of(outputs)
+    torch.testing.assert_close(scale, torch.full_like(scale, step / 12**0.5))
+    assert (StudentTNLL(df=4.0, min_scale=0.0).parameters_of(outputs)[1] < 1e-5).all()
+    mixture = GaussianMixtureNLL(num_components=2, min_std=0.0, resolution=step)
+    _, _, stds = mixture.components(torch.full((4, 6), -30.0))
+    torch.testing.assert_close(stds, torch.full_like(stds, step / 12**0.5))
+    # with the floor the density of a grid value stays bounded: at most that of N(y, step^2/12)
+    bound = -0.5 * math.log(2 * math.pi * step**2 / 12)
+    assert (mixture.log_prob(torch.full((4, 6), -30.0), torch.zeros(4, 1)) <= bound + 1e-5).all()

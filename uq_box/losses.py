@@ -59,6 +59,21 @@ class Likelihood(nn.Module):
         """``[..., T * num_outputs] -> (mean [..., T], std [..., T])``."""
         raise NotImplementedError
 
+    def _init_resolution(self, resolution: float) -> None:
+        """Keep the targets' grid step ``Δ`` (0: continuous targets), see :meth:`with_rounding`."""
+        resolution = non_negative_finite(resolution, "resolution")
+        self.quantized = resolution > 0
+        # a buffer, so that stacked runs (one split each) keep their own grid step
+        self.register_buffer("resolution", torch.tensor(float(resolution)), persistent=False)
+
+    def with_rounding(self, scale: Tensor) -> Tensor:
+        """``sqrt(scale² + Δ² / 12)``: a scale widened by the rounding error of targets recorded
+        on a grid of step ``Δ`` (a uniform error of variance ``Δ² / 12``, see :class:`NLL`).
+        """
+        if not self.quantized:
+            return scale
+        return (scale.square() + self.resolution.square() / 12.0).sqrt()
+
     def log_prob(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Elementwise log-density ``[..., T]`` of ``target`` (``[N, T]``, broadcast)."""
         raise NotImplementedError
@@ -131,10 +146,7 @@ class NLL(Likelihood):
         self.std = None if std is None else positive_finite(std, "std")
         self.beta = number_in(beta, "beta", 0.0, 1.0, closed="low high")
         self.min_std = non_negative_finite(min_std, "min_std")
-        resolution = non_negative_finite(resolution, "resolution")
-        self.quantized = resolution > 0
-        # a buffer, so that stacked runs (one split each) keep their own grid step
-        self.register_buffer("resolution", torch.tensor(float(resolution)), persistent=False)
+        self._init_resolution(resolution)
 
     @property
     def num_outputs(self) -> int:
@@ -155,9 +167,7 @@ class NLL(Likelihood):
             pairs = outputs.unflatten(-1, (-1, 2))  # [..., T, (mean, scale)]
             mean = pairs[..., 0]
             std = softplus_std(pairs[..., 1], self.min_std)
-        if self.quantized:  # the rounding error's variance (see the class docstring)
-            std = (std.square() + self.resolution.square() / 12.0).sqrt()
-        return mean, std
+        return mean, self.with_rounding(std)  # the rounding error (see the class docstring)
 
     def log_prob(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Elementwise Gaussian log-density ``[..., T]`` (the rounding variance included)."""
@@ -230,12 +240,20 @@ class StudentTNLL(Likelihood):
         min_scale: floor added to the learned scale.
         min_df: lower bound of a learned ``df`` (``> 2``; the std at ``df = min_df`` is
             ``scale * sqrt(min_df / (min_df - 2))``).
+        resolution: grid step ``Δ`` of the targets (0: continuous); the scale becomes
+            ``sqrt(scale² + Δ² / 12)`` as in :class:`NLL`, so that it cannot collapse onto
+            targets recorded on a grid.
     """
 
     def __init__(
-        self, df: float | None = None, min_scale: float = 1e-6, min_df: float = 2.5
+        self,
+        df: float | None = None,
+        min_scale: float = 1e-6,
+        min_df: float = 2.5,
+        resolution: float = 0.0,
     ) -> None:
         super().__init__()
+        self._init_resolution(resolution)
         # df <= 2: infinite variance; df = inf: the Gaussian, NLL()
         self.df = None if df is None else number_in(df, "df", 2.0)
         self.min_scale = non_negative_finite(min_scale, "min_scale")
@@ -251,7 +269,7 @@ class StudentTNLL(Likelihood):
         parts = self._split(
             outputs, "a loc, a scale" + ("" if self.df is not None else " and a df")
         )
-        loc, scale = parts[..., 0], _scale(parts[..., 1], self.min_scale)
+        loc, scale = parts[..., 0], self.with_rounding(_scale(parts[..., 1], self.min_scale))
         if self.df is not None:
             df = torch.full_like(loc, self.df)
         else:
@@ -389,10 +407,16 @@ class GaussianMixtureNLL(Likelihood):
     Args:
         num_components: ``K >= 1``.
         min_std: floor added to each component's standard deviation.
+        resolution: grid step ``Δ`` of the targets (0: continuous); each component's std
+            becomes ``sqrt(std² + Δ² / 12)`` as in :class:`NLL`, so that no component can
+            collapse onto one grid value.
     """
 
-    def __init__(self, num_components: int = 2, min_std: float = 1e-6) -> None:
+    def __init__(
+        self, num_components: int = 2, min_std: float = 1e-6, resolution: float = 0.0
+    ) -> None:
         super().__init__()
+        self._init_resolution(resolution)
         self.num_components = positive_int(num_components, "num_components")
         self.min_std = non_negative_finite(min_std, "min_std")
 
@@ -406,7 +430,8 @@ class GaussianMixtureNLL(Likelihood):
         parts = self._split(outputs, f"{self.num_components} logits, means and scales")
         parts = parts.unflatten(-1, (3, self.num_components))
         log_weights = torch.log_softmax(parts[..., 0, :], dim=-1)
-        return log_weights, parts[..., 1, :], softplus_std(parts[..., 2, :], self.min_std)
+        stds = self.with_rounding(softplus_std(parts[..., 2, :], self.min_std))
+        return log_weights, parts[..., 1, :], stds
 
     def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
         """The mixture's mean and standard deviation, each ``[..., T]``."""

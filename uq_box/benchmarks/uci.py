@@ -48,7 +48,7 @@ from uq_box.datamodules.uci import (
     download_uci,
     uci_info,
 )
-from uq_box.losses import NLL, StudentTNLL
+from uq_box.losses import NLL, GaussianMixtureNLL, StudentTNLL
 from uq_box.methods import (
     BNNVIRegression,
     DeepEnsembleRegression,
@@ -197,8 +197,8 @@ def build_method(
     ``O`` is 2 (a Gaussian's mean and scale), ``3 K`` for the MDN's ``K`` components, 4 for
     deep evidential regression, 2 or 3 for the Student-t MVE (fixed or learned ``df``).
     ``resolution`` is the grid step of the standardized targets (wine quality's integer scores;
-    see :class:`uq_box.losses.NLL`); only the Gaussian methods model it (the MDN, evidential
-    and Student-t heads treat the targets as continuous).
+    see :class:`uq_box.losses.NLL`); the Gaussian, Student-t and mixture heads widen their scales
+    by its rounding error, the evidential head treats the targets as continuous.
     """
     lr, schedule = float(options["lr"]), str(options["lr_schedule"])
     if schedule not in ("constant", "cosine"):
@@ -221,8 +221,8 @@ def build_method(
     if method == "mdn":
         k = int(options["num_components"])
         network = MLP(num_features, (num_hidden,), 3 * k)
-        del common["criterion"]
-        return MDNRegression(network, num_components=k, min_std=min_std, **common)
+        common["criterion"] = GaussianMixtureNLL(k, min_std=min_std, resolution=resolution)
+        return MDNRegression(network, num_components=k, **common)
     if method == "der":
         del common["criterion"]
         return DERRegression(
@@ -231,7 +231,10 @@ def build_method(
     if method == "mve_student_t":
         df = options.get("df")
         common["criterion"] = StudentTNLL(
-            df=None if df is None else float(df), min_scale=min_std, min_df=float(options["min_df"])
+            df=None if df is None else float(df),
+            min_scale=min_std,
+            min_df=float(options["min_df"]),
+            resolution=resolution,
         )
         width = common["criterion"].num_outputs
         return MVERegression(MLP(num_features, (num_hidden,), width), **common)
