@@ -8,6 +8,8 @@ Carlo samples run as one batched forward (:func:`uq_box.nn.sample_forward`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
@@ -88,12 +90,25 @@ class BNNVI(UQMethod):
 
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Negative ELBO per training point; mean MSE instead of the criterion during burn-in."""
-        outputs = self.sample_outputs(x, self.num_mc_samples_train)
-        nll = self.data_loss(outputs, target)
-        data = self.burnin_loss(outputs, target) if self.in_burnin else nll
-        kl = kl_divergence(self.model)
-        loss = elbo_loss(data, kl, self.num_training_points, self.beta)
-        return {"loss": loss, "nll": nll, "kl": kl}, outputs
+        return variational_loss(self, x, target, lambda: kl_divergence(self.model))
+
+
+def variational_loss(
+    method: UQMethod, x: Tensor, target: Tensor, kl: Callable[[], Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The terms of a variational method's objective and its outputs ``[S, B, ...]``.
+
+    The negative ELBO per training point (:func:`uq_box.losses.elbo_loss`): the data loss over
+    ``num_mc_samples_train`` samples (the burn-in loss in the first ``burnin_epochs``) plus
+    ``beta * kl() / N``; ``kl`` is called after the forward pass. Shared by Bayes by Backprop
+    and the rank-1 BNN.
+    """
+    outputs = method.sample_outputs(x, method.num_mc_samples_train)
+    nll = method.data_loss(outputs, target)
+    data = method.burnin_loss(outputs, target) if method.in_burnin else nll
+    divergence = kl()
+    loss = elbo_loss(data, divergence, method.num_training_points, method.beta)
+    return {"loss": loss, "nll": nll, "kl": divergence}, outputs
 
 
 class BNNVIRegression(RegressionTask, BNNVI):

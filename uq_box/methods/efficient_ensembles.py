@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from uq_box.checks import non_negative_int, number_in, positive_int
-from uq_box.losses import elbo_loss
 from uq_box.methods.base import (
     ClassificationTask,
     LRSchedulerCallable,
@@ -40,6 +39,7 @@ from uq_box.methods.base import (
     RegressionTask,
     UQMethod,
 )
+from uq_box.methods.bnn_vi import variational_loss
 from uq_box.nn.convert import StochasticModuleNames
 from uq_box.nn.efficient import (
     FoldedEnsemble,
@@ -187,12 +187,7 @@ class Rank1BNN(_MembersInOneNetwork):
 
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Negative ELBO per training point; the burn-in loss replaces the NLL in burn-in."""
-        outputs = self.sample_outputs(x, self.num_mc_samples_train)
-        nll = self.data_loss(outputs, target)
-        data = self.burnin_loss(outputs, target) if self.in_burnin else nll
-        kl = rank1_kl(self.model)
-        loss = elbo_loss(data, kl, self.num_training_points, self.beta)
-        return {"loss": loss, "nll": nll, "kl": kl}, outputs
+        return variational_loss(self, x, target, lambda: rank1_kl(self.model))
 
 
 class Rank1BNNRegression(RegressionTask, Rank1BNN):
