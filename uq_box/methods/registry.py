@@ -359,9 +359,12 @@ METHODS: tuple[MethodEntry, ...] = (
         n_outputs=2,
         stochastic=False,
         label="MVERegression[StudentT]",
+        backbone_table=True,
     ),
-    MethodEntry(MDNRegression, {"num_components": 2}, n_outputs=6, stochastic=False),
-    MethodEntry(DERRegression, {"coeff": 0.01}, n_outputs=4),
+    MethodEntry(
+        MDNRegression, {"num_components": 2}, n_outputs=6, stochastic=False, backbone_table=True
+    ),
+    MethodEntry(DERRegression, {"coeff": 0.01}, n_outputs=4, backbone_table=True),
     MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2, backbone_table=True),
     _DEEP_ENSEMBLE_CLASSIFICATION,
     MethodEntry(
@@ -420,13 +423,26 @@ METHODS: tuple[MethodEntry, ...] = (
         {"quantile_levels": [0.1, 0.5, 0.9], "num_levels": 200},
         base=MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2),
     ),
-    MethodEntry(SNGPRegression, {"num_features": 32, "num_mc_samples_test": 4}, n_outputs=2),
-    MethodEntry(SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}),
-    MethodEntry(DDUClassification, stochastic=False),
-    MethodEntry(DUERegression, {"num_inducing": 4, "num_mc_samples_test": 4}, n_outputs=1),
+    MethodEntry(
+        SNGPRegression,
+        {"num_features": 32, "num_mc_samples_test": 4},
+        n_outputs=2,
+        backbone_table=True,
+    ),
+    MethodEntry(
+        SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}, backbone_table=True
+    ),
+    MethodEntry(DDUClassification, stochastic=False, backbone_table=True),
+    MethodEntry(
+        DUERegression,
+        {"num_inducing": 4, "num_mc_samples_test": 4},
+        n_outputs=1,
+        backbone_table=True,
+    ),
     MethodEntry(
         DUEClassification,
         {"num_inducing": 4, "num_mc_samples_train": 2, "num_mc_samples_test": 4},
+        backbone_table=True,
     ),
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(
@@ -448,16 +464,28 @@ METHODS: tuple[MethodEntry, ...] = (
         base=_DEEP_ENSEMBLE_CLASSIFICATION,
         label="StackedRuns[DeepEnsembleClassification]",
     ),
-    MethodEntry(BatchEnsembleRegression, {"num_members": 2}, n_outputs=2),
-    MethodEntry(BatchEnsembleClassification, {"num_members": 2}),
-    MethodEntry(Rank1BNNRegression, {"num_members": 2, "num_mc_samples_test": 2}, n_outputs=2),
-    MethodEntry(Rank1BNNClassification, {"num_members": 2}),
-    MethodEntry(MasksemblesRegression, {"num_members": 2, "scale": 2.0}, n_outputs=2),
-    MethodEntry(MasksemblesClassification, {"num_members": 2}),
+    MethodEntry(BatchEnsembleRegression, {"num_members": 2}, n_outputs=2, backbone_table=True),
+    MethodEntry(BatchEnsembleClassification, {"num_members": 2}, backbone_table=True),
+    MethodEntry(
+        Rank1BNNRegression,
+        {"num_members": 2, "num_mc_samples_test": 2},
+        n_outputs=2,
+        backbone_table=True,
+    ),
+    MethodEntry(Rank1BNNClassification, {"num_members": 2}, backbone_table=True),
+    MethodEntry(
+        MasksemblesRegression,
+        {"num_members": 2, "scale": 2.0},
+        n_outputs=2,
+        backbone_table=True,
+    ),
+    MethodEntry(MasksemblesClassification, {"num_members": 2}, backbone_table=True),
     MethodEntry(PackedEnsembleRegression, {"num_members": 2}, n_outputs=2),
     MethodEntry(PackedEnsembleClassification, {"num_members": 2, "alpha": 2, "gamma": 1}),
-    MethodEntry(MIMORegression, {"num_members": 2}, n_outputs=2),
-    MethodEntry(MIMOClassification, {"num_members": 2, "input_repetition": 0.25}),
+    MethodEntry(MIMORegression, {"num_members": 2}, n_outputs=2, backbone_table=True),
+    MethodEntry(
+        MIMOClassification, {"num_members": 2, "input_repetition": 0.25}, backbone_table=True
+    ),
     MethodEntry(
         LaplaceRegression,
         {"num_mc_samples_test": 4},
@@ -470,8 +498,10 @@ METHODS: tuple[MethodEntry, ...] = (
     ),
     MethodEntry(MCBatchNormRegression, {"num_mc_samples_test": 4}, n_outputs=2, batch_norm=True),
     MethodEntry(MCBatchNormClassification, {"num_mc_samples_test": 4}, batch_norm=True),
-    MethodEntry(TTARegression, {**_NOISE, "num_mc_samples_test": 4}, n_outputs=2),
-    MethodEntry(TTAClassification, {**_NOISE, "num_mc_samples_test": 4}),
+    MethodEntry(
+        TTARegression, {**_NOISE, "num_mc_samples_test": 4}, n_outputs=2, backbone_table=True
+    ),
+    MethodEntry(TTAClassification, {**_NOISE, "num_mc_samples_test": 4}, backbone_table=True),
     MethodEntry(DeterministicBinaryClassification, stochastic=False),
     MethodEntry(MCDropoutBinaryClassification, {"num_mc_samples_test": 4}, dropout=True),
     MethodEntry(DeepEnsembleBinaryClassification, {"num_members": 2}),

@@ -228,9 +228,11 @@ def to_bayesian(
     return model
 
 
-def disable_native_fast_paths(model: nn.Module) -> None:
-    """Keep transformer blocks that hold sampling layers (Bayesian, MC dropout) on their Python
-    path.
+def disable_native_fast_paths(
+    model: nn.Module, kinds: tuple[type[nn.Module], ...] = (SamplingModule,)
+) -> None:
+    """Keep transformer blocks that hold sampling layers (Bayesian, MC dropout; or any layer of
+    ``kinds``, e.g. the ensemble layers of :mod:`uq_box.nn.efficient`) on their Python path.
 
     In eval mode without gradients, ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``
     with a padding mask) run one fused kernel that reads ``linear1.weight`` and friends directly
@@ -239,7 +241,7 @@ def disable_native_fast_paths(model: nn.Module) -> None:
     calls ``activation`` itself) and the encoder's ``use_nested_tensor``.
     """
     for module in model.modules():
-        holds = any(isinstance(m, SamplingModule) for m in module.modules())
+        holds = any(isinstance(m, kinds) for m in module.modules())
         if isinstance(module, nn.TransformerEncoderLayer) and holds:
             module.activation_relu_or_gelu = 0
         elif isinstance(module, nn.TransformerEncoder) and holds:

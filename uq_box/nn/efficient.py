@@ -46,7 +46,11 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from uq_box.checks import number_in, positive_finite, positive_int
-from uq_box.nn.convert import parameter_layers, resolve_module_names
+from uq_box.nn.convert import (
+    disable_native_fast_paths,
+    parameter_layers,
+    resolve_module_names,
+)
 from uq_box.nn.priors import Prior
 
 __all__ = [
@@ -504,7 +508,16 @@ def _convert_factors(
     replacements = {
         id(modules[n]): _batch_ensemble_layer(modules[n], num_members, rank1) for n in names
     }
-    return _replace(model, replacements)
+    return _off_fast_paths(_replace(model, replacements))
+
+
+def _off_fast_paths(model: nn.Module) -> nn.Module:
+    """Transformer blocks holding ensemble layers run their Python path: the fused kernel
+    reads ``linear1.weight`` and its bias directly (members' biases ``[M, out]``, a masked layer
+    without ``weight``).
+    """
+    disable_native_fast_paths(model, (_BatchEnsembleLayer, MasksembleLayer))
+    return model
 
 
 class FoldedEnsemble(nn.Module):
@@ -656,7 +669,7 @@ def to_masksembles(
             seed=index,
         )
         replacements[id(layer)] = nn.Sequential(layer, mask.to(layer.weight.device))
-    return _replace(model, replacements)
+    return _off_fast_paths(_replace(model, replacements))
 
 
 # -- Packed-Ensembles -----------------------------------------------------------------------------
@@ -962,9 +975,17 @@ class MIMOEnsemble(MemberOutputs):
 
     ``forward(x)`` gives every member the same input ``x`` ``[B, ...]`` (prediction);
     ``forward_members(xs)`` gives member ``m`` its own input ``xs[m]`` (``[M, B, ...]``, training
-    with independent examples per member). Inputs are concatenated on dimension 1 (features of
-    ``[B, F]``, channels of ``[B, C, H, W]``); both return ``[M, B, ...]``.
+    with independent examples per member). Inputs are concatenated on the axis the first layer
+    reads (the features, last, of ``[B, F]`` or ``[B, L, F]`` for a Linear; the channels of
+    ``[B, C, H, W]`` for a convolution); both return ``[M, B, ...]``.
     """
+
+    def __init__(self, model: nn.Module, num_members: int) -> None:
+        super().__init__(model, num_members)
+        # the axis the widened first layer reads: a Linear's features are the last dimension
+        # (also of a sequence [B, L, F]), a convolution's channels dimension 1
+        first = parameter_layers(model)[0][1]
+        self.input_dim = -1 if isinstance(first, nn.Linear) else 1
 
     def forward_members(self, xs: Tensor) -> Tensor:
         if xs.shape[0] != self.num_members:
@@ -972,7 +993,9 @@ class MIMOEnsemble(MemberOutputs):
                 f"forward_members takes one input per member, [M, B, ...] with M="
                 f"{self.num_members}; got {tuple(xs.shape)}"
             )
-        return self.split(self.model(xs.movedim(0, 1).flatten(1, 2)))
+        if self.input_dim == 1:
+            return self.split(self.model(xs.movedim(0, 1).flatten(1, 2)))
+        return self.split(self.model(xs.movedim(0, -2).flatten(-2, -1)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_members(x.unsqueeze(0).expand(self.num_members, *x.shape))
