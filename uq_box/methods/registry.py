@@ -263,9 +263,11 @@ def _sgmcmc(cls: type, **extra: Any) -> MethodEntry:
 #: learning rate that moves the weights between snapshots)
 _SAMPLE_EVERY_STEP = {"burnin_epochs": 0, "thinning": 1}
 _SWAG_SHORT = {"burnin_epochs": 0, "optimizer": partial(torch.optim.Adam, lr=1e-2)}
-_MVE = MethodEntry(MVERegression, n_outputs=2, stochastic=False)
-_QUANTILE = MethodEntry(QuantileRegression, n_outputs=3, stochastic=False)
-_DETERMINISTIC_CLASSIFICATION = MethodEntry(DeterministicClassification, stochastic=False)
+_MVE = MethodEntry(MVERegression, n_outputs=2, stochastic=False, backbone_table=True)
+_QUANTILE = MethodEntry(QuantileRegression, n_outputs=3, stochastic=False, backbone_table=True)
+_DETERMINISTIC_CLASSIFICATION = MethodEntry(
+    DeterministicClassification, stochastic=False, backbone_table=True
+)
 _MC_DROPOUT_REGRESSION = MethodEntry(
     MCDropoutRegression,
     {"num_mc_samples_train": 2, "num_mc_samples_test": 4},
@@ -321,7 +323,7 @@ _DENSE: tuple[MethodEntry, ...] = (
 
 METHODS: tuple[MethodEntry, ...] = (
     *_DENSE,
-    MethodEntry(DeterministicRegression, n_outputs=1, stochastic=False),
+    MethodEntry(DeterministicRegression, n_outputs=1, stochastic=False, backbone_table=True),
     _DETERMINISTIC_CLASSIFICATION,
     _MVE,
     # a full covariance head (T (T + 3) / 2 outputs): on the suite's one target, 2, the NLL's
