@@ -1,10 +1,12 @@
 """Speed and quality of Bayes by Backprop on the seed workload.
 
 MLP 1-50-50-2, last layer Bayesian, batch 32, 150 epochs (20 of burn-in), S=10 weight samples in
-training and 25 in prediction, one thread. Three fits of the same math, measured in one run:
+training and 25 in prediction, one thread. Fits of the same math, measured in one run:
 
 - ``eager``: a hand-written PyTorch loop (no Lightning, no uq_box), S samples as one batched matmul;
   the floor.
+- ``lightning``: the eager math as a minimal ``LightningModule`` (no logging, no metrics) under the
+  same ``Trainer``: what Lightning's loop alone costs, the floor of any Lightning-based library.
 - ``uq_box``: ``BNNVIRegression`` with a plain ``lightning.Trainer``.
 - ``loop``: the same uq_box model with a Python loop over the S samples (each runs the whole
   network, as peers do).
@@ -29,7 +31,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning import Trainer, seed_everything
+from lightning import LightningModule, Trainer, seed_everything
 from torch import nn
 
 from uq_box.datamodules import ToyHeteroscedasticDatamodule
@@ -42,55 +44,85 @@ EPOCHS, BURNIN, BATCH, S_TRAIN, S_TEST, LR = 150, 20, 32, 10, 25, 3e-3
 HIDDEN = [50, 50]
 
 
-def eager_fit(dm: ToyHeteroscedasticDatamodule, validate: bool = False) -> float:
-    """The same math by hand: deterministic body, Bayesian last layer, exact ELBO."""
-    x_all, y_all = dm.X_train, dm.Y_train
-    x_val, y_val = dm.split("val")
-    n = len(x_all)
-    layers, width = [], 1
-    for hidden in HIDDEN:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    body = nn.Sequential(*layers)
-    last = nn.Linear(width, 2)
-    w_mu = nn.Parameter(last.weight.detach().clone())
-    b_mu = nn.Parameter(last.bias.detach().clone())
-    w_rho = nn.Parameter(torch.full_like(w_mu, -5.0))
-    b_rho = nn.Parameter(torch.full_like(b_mu, -5.0))
-    params = [*body.parameters(), w_mu, b_mu, w_rho, b_rho]
-    opt = torch.optim.Adam(params, lr=LR)
+class EagerBNN(nn.Module):
+    """The seed workload's math by hand: deterministic body, Bayesian last layer, exact ELBO."""
 
-    def outputs(x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        h = body(x)
-        w = w_mu + F.softplus(w_rho) * torch.randn(num_samples, *w_mu.shape)
-        b = b_mu + F.softplus(b_rho) * torch.randn(num_samples, *b_mu.shape)
+    def __init__(self) -> None:
+        super().__init__()
+        layers, width = [], 1
+        for hidden in HIDDEN:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers)
+        last = nn.Linear(width, 2)
+        self.w_mu = nn.Parameter(last.weight.detach().clone())
+        self.b_mu = nn.Parameter(last.bias.detach().clone())
+        self.w_rho = nn.Parameter(torch.full_like(self.w_mu, -5.0))
+        self.b_rho = nn.Parameter(torch.full_like(self.b_mu, -5.0))
+
+    def outputs(self, x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and stds ``[S, B, 1]``: S weight samples of the last layer as one matmul."""
+        h = self.body(x)
+        w = self.w_mu + F.softplus(self.w_rho) * torch.randn(num_samples, *self.w_mu.shape)
+        b = self.b_mu + F.softplus(self.b_rho) * torch.randn(num_samples, *self.b_mu.shape)
         out = torch.matmul(h, w.transpose(1, 2)) + b[:, None]
         return out[..., :1], F.softplus(out[..., 1:]) + 1e-6
 
+    @staticmethod
     def nll(mean: torch.Tensor, std: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean Gaussian NLL over samples and points."""
         return (0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((y - mean) / std) ** 2).mean()
 
-    def kl() -> torch.Tensor:
+    def kl(self) -> torch.Tensor:
+        """KL of the last layer's posterior from N(0, 1), summed."""
         return sum(
             (torch.log(1.0 / s) + (s**2 + m**2) / 2 - 0.5).sum()
-            for m, s in ((w_mu, F.softplus(w_rho)), (b_mu, F.softplus(b_rho)))
+            for m, s in ((self.w_mu, F.softplus(self.w_rho)), (self.b_mu, F.softplus(self.b_rho)))
         )
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor, n: int, burnin: bool) -> torch.Tensor:
+        """The per-point negative ELBO (the mean's MSE in burn-in) of one batch."""
+        mean, std = self.outputs(x, S_TRAIN)
+        data = ((mean - y) ** 2).mean() if burnin else self.nll(mean, std, y)
+        return data + self.kl() / n
+
+
+def eager_fit(dm: ToyHeteroscedasticDatamodule, validate: bool = False) -> float:
+    """The same math by hand in a plain loop."""
+    x_all, y_all = dm.X_train, dm.Y_train
+    x_val, y_val = dm.split("val")
+    n = len(x_all)
+    model = EagerBNN()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
     start = time.perf_counter()
     for epoch in range(EPOCHS):
         order = torch.randperm(n)
         for i in range(0, n, BATCH):
             idx = order[i : i + BATCH]
-            x, y = x_all[idx], y_all[idx]
-            mean, std = outputs(x, S_TRAIN)
-            data = ((mean - y) ** 2).mean() if epoch < BURNIN else nll(mean, std, y)
-            loss = data + kl() / n
+            loss = model.loss(x_all[idx], y_all[idx], n, epoch < BURNIN)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         if validate:
-            eager_validation(outputs, nll, kl, x_val, y_val, n, epoch < BURNIN)
+            eager_validation(model.outputs, model.nll, model.kl, x_val, y_val, n, epoch < BURNIN)
     return time.perf_counter() - start
+
+
+class LightningFloor(LightningModule):
+    """The eager math as a minimal LightningModule (no logging, no metrics): what Lightning's
+    loop alone adds to the eager loop under the same ``Trainer``.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.net, self.n = EagerBNN(), n
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        burnin = self.current_epoch < BURNIN
+        return self.net.loss(batch["input"], batch["target"], self.n, burnin)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
+        return torch.optim.Adam(self.parameters(), lr=LR)
 
 
 def eager_validation(outputs, nll, kl, x_val, y_val, n, burnin) -> dict[str, torch.Tensor]:
@@ -144,7 +176,23 @@ def uq_box_fit(
         num_mc_samples_test=S_TEST,
         burnin_epochs=BURNIN,
     )
-    trainer = Trainer(
+    trainer = _trainer(validate)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    seconds = time.perf_counter() - start
+    return seconds, model, trainer
+
+
+def floor_fit(dm: ToyHeteroscedasticDatamodule) -> float:
+    """:class:`LightningFloor` fed by the same data module, under the same ``Trainer``."""
+    model, trainer = LightningFloor(len(dm.X_train)), _trainer(False)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    return time.perf_counter() - start
+
+
+def _trainer(validate: bool) -> Trainer:
+    return Trainer(
         max_epochs=EPOCHS,
         logger=False,
         enable_checkpointing=False,
@@ -153,10 +201,6 @@ def uq_box_fit(
         limit_val_batches=1.0 if validate else 0,
         num_sanity_val_steps=0,
     )
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    seconds = time.perf_counter() - start
-    return seconds, model, trainer
 
 
 def main() -> None:
@@ -174,6 +218,7 @@ def main() -> None:
     steps = EPOCHS * len(dm.train_dataloader())
     times: dict[str, list[float]] = {
         "eager": [],
+        "lightning": [],
         "uq_box": [],
         "loop": [],
         "eager+val": [],
@@ -182,6 +227,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         seed_everything(repeat, verbose=False)
         times["eager"].append(eager_fit(dm))
+        seed_everything(repeat, verbose=False)
+        times["lightning"].append(floor_fit(dm))
         seed_everything(repeat, verbose=False)
         seconds, model, trainer = uq_box_fit(dm)
         times["uq_box"].append(seconds)
@@ -206,6 +253,10 @@ def main() -> None:
             + ")"
         )
     print(f"  uq_box / eager = {med['uq_box'] / med['eager']:.2f}x (target <= 1.5x)")
+    print(
+        f"  lightning / eager = {med['lightning'] / med['eager']:.2f}x (Lightning's loop alone), "
+        f"uq_box / lightning = {med['uq_box'] / med['lightning']:.2f}x (uq_box's own cost)"
+    )
     print(
         f"  uq_box+val / eager+val = {med['uq_box+val'] / med['eager+val']:.2f}x (target <= 1.7x)"
     )

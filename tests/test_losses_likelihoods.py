@@ -120,6 +120,27 @@ def test_normal_inverse_gamma_matches_amini_and_splits_the_variance():
     torch.testing.assert_close(regularized, amini.mean() + extra)
 
 
+def test_normal_inverse_gamma_grid_step_widens_the_student_t():
+    """With a grid step the marginal's scale is ``sqrt(scale² + Δ² / 12)`` and the rounding
+    variance joins the aleatoric part: the split still sums to the Student-t's variance."""
+    outputs, step = _outputs(4), 0.7
+    plain, rounded = NormalInverseGammaNLL(), NormalInverseGammaNLL(resolution=step)
+    gamma, nu, alpha, beta = plain.parameters_of(outputs)
+    scale = torch.sqrt(beta * (1 + nu) / (nu * alpha) + step**2 / 12)
+    student = D.StudentT(2 * alpha, gamma, scale)
+    torch.testing.assert_close(rounded.log_prob(outputs, TARGET), student.log_prob(TARGET))
+    mean, std = rounded.mean_and_std(outputs)
+    torch.testing.assert_close(std, student.stddev)
+    aleatoric, epistemic = rounded.variance_split(outputs)
+    torch.testing.assert_close(epistemic, plain.variance_split(outputs)[1])
+    torch.testing.assert_close(aleatoric + epistemic, std**2)
+    assert (std > plain.mean_and_std(outputs)[1]).all()
+    # the rounding error bounds the density of a point prediction from above
+    assert rounded.log_prob(outputs, gamma).max() < plain.log_prob(outputs, gamma).max()
+    with pytest.raises(ValueError, match="`resolution`"):
+        NormalInverseGammaNLL(resolution=-1.0)
+
+
 def test_beta_nll_weights_each_point_by_its_detached_variance():
     outputs = _outputs(2).requires_grad_(True)
     mean, std = NLL().mean_and_std(outputs)

@@ -600,12 +600,18 @@ class NormalInverseGammaNLL(Likelihood):
     Args:
         coeff: ``lambda``, the weight of the evidence regularizer (``>= 0``).
         min_evidence: floor added to ``nu``, ``alpha - 1`` and ``beta``.
+        resolution: grid step ``Δ`` of the targets (0: continuous); the Student-t's scale
+            becomes ``sqrt(scale² + Δ² / 12)`` as in :class:`NLL` (the rounding error joins the
+            aleatoric part), so that the evidence cannot pile up on targets recorded on a grid.
     """
 
     num_outputs = 4
 
-    def __init__(self, coeff: float = 0.01, min_evidence: float = 1e-6) -> None:
+    def __init__(
+        self, coeff: float = 0.01, min_evidence: float = 1e-6, resolution: float = 0.0
+    ) -> None:
         super().__init__()
+        self._init_resolution(resolution)
         self.coeff = non_negative_finite(coeff, "coeff")
         self.min_evidence = non_negative_finite(min_evidence, "min_evidence")
 
@@ -620,21 +626,34 @@ class NormalInverseGammaNLL(Likelihood):
         return gamma, nu, alpha, beta
 
     def variance_split(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
-        """``(aleatoric variance beta / (alpha - 1), epistemic variance beta / (nu (alpha - 1)))``."""
+        """``(aleatoric variance beta / (alpha - 1), epistemic variance beta / (nu (alpha - 1)))``;
+        with a grid step the aleatoric part also holds the rounding error,
+        ``Δ² / 12 * alpha / (alpha - 1)``, so the two still sum to the Student-t's variance.
+        """
         _, nu, alpha, beta = self.parameters_of(outputs)
         aleatoric = beta / (alpha - 1.0)
-        return aleatoric, aleatoric / nu
+        epistemic = aleatoric / nu
+        if self.quantized:
+            aleatoric = aleatoric + self.resolution.square() / 12.0 * alpha / (alpha - 1.0)
+        return aleatoric, epistemic
+
+    def student_t(self, outputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The marginal's ``(loc gamma, scale, df 2 alpha)``, each ``[..., T]``; the scale is
+        ``sqrt(beta (1 + nu) / (nu alpha))``, widened by the grid step's rounding error.
+        """
+        gamma, nu, alpha, beta = self.parameters_of(outputs)
+        scale = self.with_rounding(torch.sqrt(beta * (1.0 + nu) / (nu * alpha)))
+        return gamma, scale, 2.0 * alpha
 
     def mean_and_std(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
         """``(gamma, std of the Student-t marginal)``."""
-        gamma, nu, alpha, beta = self.parameters_of(outputs)
-        return gamma, torch.sqrt(beta * (1.0 + nu) / (nu * (alpha - 1.0)))
+        loc, scale, df = self.student_t(outputs)
+        return loc, scale * torch.sqrt(df / (df - 2.0))
 
     def log_prob(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Elementwise log-density of the Student-t marginal ``[..., T]``."""
-        gamma, nu, alpha, beta = self.parameters_of(outputs)
-        scale = torch.sqrt(beta * (1.0 + nu) / (nu * alpha))
-        return student_t_log_prob(target, gamma, scale, 2.0 * alpha)
+        loc, scale, df = self.student_t(outputs)
+        return student_t_log_prob(target, loc, scale, df)
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Mean NIG NLL plus ``coeff`` times the mean evidence regularizer."""
