@@ -14,14 +14,17 @@ from lightning import Trainer
 from uq_box.datamodules.stacked import StackedDataModule, kfold_datamodules
 from uq_box.methods import (
     BNNVIRegression,
+    DDUClassification,
     DeepEnsembleRegression,
+    DUERegression,
     MCDropoutRegression,
     MVERegression,
+    SNGPRegression,
     SWAGRegression,
 )
 from uq_box.methods.stacked import StackedRuns
 from uq_box.models import MLP
-from uq_box.nn import sampling
+from uq_box.nn import sampling, svgp
 
 NUM_RUNS = 3
 
@@ -205,3 +208,143 @@ def test_stacked_runs_on_the_backbone_table(backbone, replayed_noise):
         own = method.predict_step(x[k])
         for key in ("pred", "pred_uct", "epistemic_uct"):
             torch.testing.assert_close(preds[key][k], own[key], atol=1e-5, rtol=1e-5)
+
+
+#: methods with lifecycle hooks that StackedRuns runs per run: SNGP's precision reset at batch 0
+#: (vectorized), DUE's initialization from the training features and DDU's density fit after
+#: training (run by run); each with the keys of its prediction that depend on no noise
+HOOKED = {
+    "sngp": (
+        lambda: SNGPRegression(MLP(2, (8,), 2), num_features=16, num_mc_samples_test=3),
+        ("pred", "epistemic_uct"),
+    ),
+    "due": (
+        lambda: DUERegression(MLP(2, (8,), 1), num_inducing=4, num_mc_samples_test=3),
+        ("pred", "epistemic_uct"),
+    ),
+    "ddu": (lambda: DDUClassification(MLP(2, (8,), 3)), ("pred", "density_score")),
+}
+
+
+@pytest.mark.parametrize("name", list(HOOKED))
+def test_stacked_fit_with_lifecycle_hooks_equals_separate_fits(name, monkeypatch):
+    """Every parameter and buffer (SNGP's precision of the last epoch, DUE's inducing points
+    and length scale, DDU's fitted density) and the predictions equal those of separate fits."""
+    kmeans = svgp.kmeans  # DUE's k-means draws its seeding from a generator of its own here
+    monkeypatch.setattr(
+        svgp,
+        "kmeans",
+        lambda points, k, iterations=100, generator=None: kmeans(
+            points, k, iterations, torch.Generator().manual_seed(0)
+        ),
+    )
+    make, keys = HOOKED[name]
+    x, y = _data()
+    targets = np.digitize(x[:, 0], [-0.4, 0.4]) if name == "ddu" else y
+    modules = kfold_datamodules(x, targets, NUM_RUNS, batch_size=16)  # 3 steps per epoch
+    torch.manual_seed(0)
+    methods = [make() for _ in range(NUM_RUNS)]
+    separate = copy.deepcopy(methods)
+    stacked = StackedRuns(methods)
+    _trainer().fit(stacked, datamodule=StackedDataModule(modules))
+    inputs = torch.tensor(x[:5])
+    preds = stacked.predict_step(inputs, shared_inputs=True)
+    for k, (method, module) in enumerate(zip(separate, modules, strict=True)):
+        _trainer().fit(method, datamodule=module)
+        got = stacked.run(k).state_dict()
+        for key, value in method.state_dict().items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        own = method.predict_step(inputs)
+        for key in keys:
+            torch.testing.assert_close(preds[key][k], own[key], atol=1e-5, rtol=1e-5, msg=key)
+    run = stacked.run(0)
+    if name == "sngp":  # one epoch's precision: the stack reset it at batch 0 of epoch 1
+        assert not torch.equal(run.gp.precision, torch.eye(16))
+    if name == "due":
+        assert bool(run.gp.initialized)
+    if name == "ddu":
+        assert run.density.fitted
+
+
+class _Counted(MVERegression):
+    """Counts its training steps (in place, every step) and keeps its training targets' sum
+    (assigned, once per fit); with ``assign`` it assigns the count, which vmap would lose."""
+
+    stackable_hooks = frozenset({"on_train_batch_begin", "on_train_done"})
+    assign = False
+
+    def __init__(self) -> None:
+        super().__init__(MLP(2, (4,), 2))
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("target_sum", torch.zeros(0))
+
+    def on_train_batch_begin(self, batch_idx: int) -> None:
+        if self.assign:
+            self.steps = self.steps + 1
+        else:
+            self.steps.add_(1)
+
+    def on_train_done(self) -> None:
+        total = sum(batch["target"].sum() for batch in self.trainer.train_dataloader)
+        self.target_sum = total.reshape(1)  # a new shape: the stacked buffer is resized
+
+
+def test_hooks_update_in_place_or_assign_once_per_fit():
+    x, y = _data()
+    modules = kfold_datamodules(x, y, NUM_RUNS, batch_size=16)
+    data = StackedDataModule(modules)
+    stacked = StackedRuns(_Counted, NUM_RUNS)
+    _trainer().fit(stacked, datamodule=data)
+    for k, module in enumerate(modules):
+        run = stacked.run(k)
+        assert run.steps.item() == 6  # 2 epochs of 3 steps
+        torch.testing.assert_close(run.target_sum, module.split("train")[1].sum().reshape(1))
+    # a checkpoint's resized buffer loads into a fresh stack
+    fresh = StackedRuns(_Counted, NUM_RUNS)
+    fresh.load_state_dict(stacked.state_dict())
+    torch.testing.assert_close(fresh.run(2).target_sum, stacked.run(2).target_sum)
+
+    class Assigning(_Counted):
+        stackable_hooks = _Counted.stackable_hooks
+        assign = True
+
+    with pytest.raises(RuntimeError, match="steps` got a new tensor .* in place"):
+        _trainer().fit(StackedRuns(Assigning, NUM_RUNS), datamodule=data)
+
+
+def test_undeclared_stateful_hooks_are_refused():
+    class Clipped(MVERegression):  # a stateful hook, not declared
+        def after_optimizer_step(self) -> None:
+            pass
+
+    class Reset(SNGPRegression):  # overrides a declared hook anew without declaring it
+        def on_train_batch_begin(self, batch_idx: int) -> None:
+            pass
+
+    class Stepping(MVERegression):  # a hook that cannot run per run
+        stackable_hooks = frozenset({"training_step"})
+
+    make = {
+        Clipped: lambda: Clipped(MLP(2, (4,), 2)),
+        Reset: lambda: Reset(MLP(2, (4,), 2), num_features=8),
+        Stepping: lambda: Stepping(MLP(2, (4,), 2)),
+    }
+    with pytest.raises(TypeError, match="overrides `after_optimizer_step` \\(Clipped\\)"):
+        StackedRuns(make[Clipped], 2)
+    with pytest.raises(TypeError, match="overrides `on_train_batch_begin` \\(Reset\\)"):
+        StackedRuns(make[Reset], 2)
+    with pytest.raises(TypeError, match="cannot run per stacked run"):
+        StackedRuns(make[Stepping], 2)
+
+
+def test_due_initializes_each_run_from_loaders_given_to_fit():
+    """Without a data module, ``on_fit_begin`` reads each run's batches of the loader given to
+    ``fit`` (before the fit loop has set it up)."""
+    x, y = _data()
+    loader = StackedDataModule(kfold_datamodules(x, y, NUM_RUNS, batch_size=16)).train_dataloader()
+    torch.manual_seed(0)
+    stacked = StackedRuns(HOOKED["due"][0], NUM_RUNS)
+    _trainer(1).fit(stacked, train_dataloaders=loader)
+    runs = [stacked.run(k).gp for k in range(NUM_RUNS)]
+    assert all(bool(gp.initialized) for gp in runs)
+    assert not torch.equal(runs[0].inducing_points, runs[1].inducing_points)

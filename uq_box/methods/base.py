@@ -254,6 +254,9 @@ class UQMethod(FastHookBookkeeping, LightningModule):
       carries beyond the parameters, buffers and hyperparameters (which Lightning saves anyway:
       prefer registered buffers, and use these only for what cannot be one).
 
+    :class:`~uq_box.methods.stacked.StackedRuns` stacks a method that overrides one of the
+    lifecycle hooks only if the method lists the hook in :attr:`stackable_hooks`.
+
     Lightning's own hooks in :data:`OWNED_HOOKS` (``on_fit_start``, ``on_train_start``,
     ``on_train_batch_start``, ``optimizer_step``, ``on_train_epoch_end``, ``on_train_end``,
     ``on_save_checkpoint``, ``on_load_checkpoint``) belong to the base: it saves and restores the
@@ -281,6 +284,15 @@ class UQMethod(FastHookBookkeeping, LightningModule):
     cast_targets: bool = True
     #: The optimizer when ``optimizer`` is ``None``.
     default_optimizer: ClassVar[OptimizerCallable] = partial(torch.optim.Adam, lr=1e-3)
+    #: The overridden lifecycle hooks that :class:`~uq_box.methods.stacked.StackedRuns` may run
+    #: for each stacked run (it refuses a method overriding any other). Declare a hook only if
+    #: it acts on the method's own parameters and buffers, in place or by assigning a buffer:
+    #: ``on_train_batch_begin``, ``after_optimizer_step`` and ``on_train_epoch_done`` then run
+    #: for all runs in one ``torch.func.vmap`` call (tensor ops only, in-place updates, no
+    #: Python branch on a tensor's value); ``on_fit_begin`` and ``on_train_done`` run run by
+    #: run, where ``self.trainer.train_dataloader`` gives the run's own batches. All run
+    #: without gradients. A subclass that overrides a declared hook anew must declare it again.
+    stackable_hooks: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse a subclass that overrides one of the Lightning hooks the base owns."""

@@ -25,7 +25,7 @@ one fitted model) and is present once the GDA is fitted (not during the validati
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,9 @@ class DDU(UQMethod):
             the input of the last parameter-owning layer.
         burnin_epochs: epochs trained on the burn-in loss.
     """
+
+    #: the fit assigns the density's own buffers (stacked runs: per run, stacked anew)
+    stackable_hooks: ClassVar[frozenset[str]] = frozenset({"on_train_done"})
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ batch initializes them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,7 @@ from uq_box.methods.base import (
 from uq_box.methods.predictive_classification import classification_predictive
 from uq_box.methods.sngp import replace_output_layer
 from uq_box.metrics.functional_quantiles import gaussian_quantiles
+from uq_box.nn.graph import in_functorch_transform
 from uq_box.nn.svgp import GaussianLikelihood, SparseVariationalGP
 
 __all__ = ["DUE", "DUEClassification", "DUERegression"]
@@ -72,6 +73,9 @@ class _FeaturesReadyError(Exception):
 
 class DUE(UQMethod):
     """Spectral-normalized feature extractor with a sparse variational GP output layer.
+
+    :class:`~uq_box.methods.stacked.StackedRuns` runs ``on_fit_begin`` run by run, so each run's
+    inducing points come from its own training data.
 
     Args:
         model: the backbone; its output layer (an ``nn.Linear`` on flat features) becomes the GP,
@@ -97,6 +101,9 @@ class DUE(UQMethod):
             only the noise).
         num_training_points: ``N`` of the ELBO (read from the training loader when ``None``).
     """
+
+    #: the initialization writes the GP's own parameters in place (stacked runs: per run)
+    stackable_hooks: ClassVar[frozenset[str]] = frozenset({"on_fit_begin"})
 
     def __init__(
         self,
@@ -206,7 +213,9 @@ class DUE(UQMethod):
 
     def loss(self, x: Tensor, target: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The negative ELBO per training point (``nll`` and ``kl / N`` as terms)."""
-        if self.training and not bool(self.gp.initialized):  # no loader at on_fit_begin
+        # no loader at on_fit_begin: the first batch initializes (stacked runs, inside vmap,
+        # have run on_fit_begin per run on their own loaders)
+        if self.training and not in_functorch_transform() and not bool(self.gp.initialized):
             self.initialize_inducing_points([x])
         mean, variance = self.marginals(x)
         nll, outputs = self.expected_nll(mean, variance, target)

@@ -284,6 +284,31 @@ _NOISE = {
     "transforms": {"class_path": "uq_box.methods.tta.GaussianNoise", "init_args": {"std": 0.2}}
 }
 
+#: the single-forward-pass methods with lifecycle hooks that StackedRuns runs per run
+_DISTANCE_AWARE: tuple[MethodEntry, ...] = (
+    MethodEntry(
+        SNGPRegression,
+        {"num_features": 32, "num_mc_samples_test": 4},
+        n_outputs=2,
+        backbone_table=True,
+    ),
+    MethodEntry(
+        SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}, backbone_table=True
+    ),
+    MethodEntry(DDUClassification, stochastic=False, backbone_table=True),
+    MethodEntry(
+        DUERegression,
+        {"num_inducing": 4, "num_mc_samples_test": 4},
+        n_outputs=1,
+        backbone_table=True,
+    ),
+    MethodEntry(
+        DUEClassification,
+        {"num_inducing": 4, "num_mc_samples_train": 2, "num_mc_samples_test": 4},
+        backbone_table=True,
+    ),
+)
+
 #: Every method class and task, built small. Add one entry per new class.
 #: the dense entries: a tiny U-Net on 8x8 images (``tests/conformance``), 3 classes or 1 target
 _DENSE_SWAG = {"max_num_samples": 3, "num_mc_samples_test": 4, "burnin_epochs": 1}
@@ -425,27 +450,7 @@ METHODS: tuple[MethodEntry, ...] = (
         {"quantile_levels": [0.1, 0.5, 0.9], "num_levels": 200},
         base=MethodEntry(DeepEnsembleRegression, {"num_members": 3}, n_outputs=2),
     ),
-    MethodEntry(
-        SNGPRegression,
-        {"num_features": 32, "num_mc_samples_test": 4},
-        n_outputs=2,
-        backbone_table=True,
-    ),
-    MethodEntry(
-        SNGPClassification, {"num_features": 32, "num_mc_samples_test": 4}, backbone_table=True
-    ),
-    MethodEntry(DDUClassification, stochastic=False, backbone_table=True),
-    MethodEntry(
-        DUERegression,
-        {"num_inducing": 4, "num_mc_samples_test": 4},
-        n_outputs=1,
-        backbone_table=True,
-    ),
-    MethodEntry(
-        DUEClassification,
-        {"num_inducing": 4, "num_mc_samples_train": 2, "num_mc_samples_test": 4},
-        backbone_table=True,
-    ),
+    *_DISTANCE_AWARE,
     MethodEntry(TemperatureScaling, base=_DETERMINISTIC_CLASSIFICATION, stochastic=False),
     MethodEntry(
         ConformalClassification,
@@ -465,6 +470,17 @@ METHODS: tuple[MethodEntry, ...] = (
         StackedRuns,
         base=_DEEP_ENSEMBLE_CLASSIFICATION,
         label="StackedRuns[DeepEnsembleClassification]",
+    ),
+    # per-run lifecycle hooks: SNGP's precision reset (vectorized), DUE's initialization and
+    # DDU's density fit (run by run)
+    *(
+        MethodEntry(
+            StackedRuns,
+            base=base,
+            stochastic=base.stochastic,
+            label=f"StackedRuns[{base.name}]",
+        )
+        for base in _DISTANCE_AWARE
     ),
     MethodEntry(BatchEnsembleRegression, {"num_members": 2}, n_outputs=2, backbone_table=True),
     MethodEntry(BatchEnsembleClassification, {"num_members": 2}, backbone_table=True),

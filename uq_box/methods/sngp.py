@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +186,9 @@ class SNGP(UQMethod):
         num_training_points: ``N`` of the L2 penalty (read from the training loader when
             ``None``).
     """
+
+    #: the precision reset acts on the GP's own buffer (stacked runs: one vmap call)
+    stackable_hooks: ClassVar[frozenset[str]] = frozenset({"on_train_batch_begin"})
 
     def __init__(
         self,

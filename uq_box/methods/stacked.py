@@ -11,17 +11,37 @@ run's gradient its own, and with an elementwise optimizer (Adam, SGD, ...) the s
 ``K`` separate fits on the same batches and noise. Validation and test metrics are computed per
 run; :meth:`StackedRuns.run` returns run ``k`` as a standalone method.
 
-Methods whose state lives outside their parameters and buffers (snapshots, samples or a
-posterior collected by lifecycle hooks: SWAG, SG-MCMC, Laplace, post-hoc calibration) are refused.
+**Lifecycle hooks.** A method that overrides a stateful hook of :class:`UQMethod`
+(:data:`_STATEFUL_HOOKS`) is refused unless it declares the hook in
+:attr:`UQMethod.stackable_hooks`, saying that the hook acts on the method's own parameters and
+buffers only; methods whose state lives elsewhere (snapshots, samples or a posterior collected by
+their hooks: SWAG, SG-MCMC, Laplace, post-hoc calibration) stay refused. Declared hooks run for
+every run, without gradients:
+
+- per step (``on_train_batch_begin``, ``after_optimizer_step``, ``on_train_epoch_done``): in one
+  vmap call for all runs (``on_train_batch_begin`` inside the objective's call, before it). Only
+  in-place updates reach the stack; a hook that assigns a new tensor is an error.
+- once per fit (``on_fit_begin``, ``on_train_done``): run by run, outside vmap
+  (:meth:`~uq_box.nn.ensemble.StackedEnsemble.for_each_member`). The template holds views of run
+  ``k``'s slices of the stacked tensors, so in-place writes land in the stack; an assigned tensor
+  is copied into the slice, or, for a buffer that every run resizes alike (a fitted density), the
+  buffer is stacked anew. The hook's ``self.trainer`` is the trainer, except that its
+  ``train_dataloader`` (and its data module's loaders) yield run ``k``'s slices ``[B, ...]`` of
+  the stacked batches; all runs replay one pass over the loader.
+
+SNGP (the GP precision reset at every epoch's first batch), DUE (the inducing points and length
+scale from each run's training features) and DDU (the feature density fitted after training)
+stack this way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from lightning import LightningModule
+from lightning import LightningDataModule, LightningModule
 from torch import Tensor, nn
 
 from uq_box.checks import positive_int
@@ -40,8 +60,8 @@ from uq_box.nn.ensemble import StackedEnsemble, reinitialized
 
 __all__ = ["StackedRuns"]
 
-#: Hooks of :class:`UQMethod` that keep state outside the parameters and buffers; a method that
-#: overrides one cannot be stacked by vectorizing its objective alone.
+#: Hooks of :class:`UQMethod` that may keep state outside the parameters and buffers; a method
+#: that overrides one is stacked only where it declares the hook in ``stackable_hooks``.
 _STATEFUL_HOOKS = (
     "on_fit_begin",
     "on_train_batch_begin",
@@ -54,22 +74,69 @@ _STATEFUL_HOOKS = (
     "training_step",
     "validation_step",
 )
+#: Declarable hooks that run every step or epoch: one vectorized call for all runs.
+_PER_STEP_HOOKS = ("on_train_batch_begin", "after_optimizer_step", "on_train_epoch_done")
+#: Declarable hooks that run once per fit: run by run, outside vmap.
+_PER_FIT_HOOKS = ("on_fit_begin", "on_train_done")
+
+
+def _overrides(cls: type, hook: str) -> type | None:
+    """The class below :class:`UQMethod` that defines ``hook`` for ``cls``, if any."""
+    owner = next(c for c in cls.__mro__ if hook in vars(c))
+    return None if owner is UQMethod or owner is LightningModule else owner
+
+
+def _stackable_hooks(cls: type) -> frozenset[str]:
+    """The hooks ``cls`` overrides that :class:`StackedRuns` runs per run; a ``TypeError`` for
+    any other overridden stateful hook.
+
+    A hook counts as declared only where the class declaring ``stackable_hooks`` is the hook's
+    own class or a subclass of it (a subclass that overrides a declared hook anew must declare it
+    again).
+    """
+    mro = cls.__mro__
+    declarer = next((c for c in mro if "stackable_hooks" in vars(c)), UQMethod)
+    declared = frozenset(declarer.stackable_hooks)
+    unknown = declared - set(_PER_STEP_HOOKS + _PER_FIT_HOOKS)
+    if unknown:
+        raise TypeError(
+            f"{declarer.__name__}.stackable_hooks: {sorted(unknown)} cannot run per stacked run; "
+            f"declarable hooks are {sorted(_PER_STEP_HOOKS + _PER_FIT_HOOKS)}"
+        )
+    hooks = set()
+    for hook in _STATEFUL_HOOKS:
+        owner = _overrides(cls, hook)
+        if owner is None:
+            continue
+        if hook not in declared or mro.index(declarer) > mro.index(owner):
+            raise TypeError(
+                f"StackedRuns cannot stack {cls.__name__}: it overrides `{hook}` "
+                f"({owner.__name__}), so its state lives outside its parameters and buffers; fit "
+                f"its runs one by one"
+            )
+        hooks.add(hook)
+    return frozenset(hooks)
 
 
 class _Call(nn.Module):
     """A method as a module whose forward calls one of its functions by name.
 
     :meth:`uq_box.nn.ensemble.StackedEnsemble.call_members` runs it with each run's parameters
-    and buffers in place; the forward dispatches to the method's objective, prediction or epoch
-    hook.
+    and buffers in place; the forward runs the method's declared per-step ``hooks`` (``(name,
+    args)`` pairs, without gradients), then dispatches to its objective, prediction or epoch
+    hook (``"hooks"``: the hooks alone).
     """
 
     def __init__(self, method: UQMethod) -> None:
         super().__init__()
         self.method = method
 
-    def forward(self, name: str, *args: Any) -> Any:
+    def forward(self, name: str, hooks: tuple[tuple[str, tuple], ...], *args: Any) -> Any:
         method = self.method
+        if hooks:
+            with torch.no_grad():
+                for hook, hook_args in hooks:
+                    getattr(method, hook)(*hook_args)
         if name in ("loss", "loss_terms"):
             x, target = args
             terms, outputs = method.loss(x, target)
@@ -79,12 +146,132 @@ class _Call(nn.Module):
         if name == "predict":
             (x,) = args
             with eval_mode(method.model):
-                return method.predictive(method.sample_outputs(x, method.num_mc_samples_test))
+                return method.predict_inputs(x)
         if name == "epoch_means":
             stage, values = args
             method.on_epoch_means(stage, values)
             return torch.zeros(())
+        if name == "hooks":
+            return torch.zeros(())
         raise ValueError(f"unknown call {name!r}")
+
+
+def _run_slice(batch: Any, index: int) -> Any:
+    """Run ``index``'s slice of a stacked batch (a dict, tuple or list of tensors, or one)."""
+    if isinstance(batch, Tensor):
+        return batch[index]
+    if isinstance(batch, dict):
+        return {k: _run_slice(v, index) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_run_slice(v, index) for v in batch)
+    return batch
+
+
+class _SharedPass:
+    """One pass over a stacked loader that every run's view replays (a loader may count its
+    passes, or draw a new order in each: the runs of one hook call must see the same batches).
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._iterator: Any = None
+        self._batches: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        for index in itertools.count():
+            if index == len(self._batches):
+                if self._iterator is None:
+                    self._iterator = iter(self.loader)
+                try:
+                    self._batches.append(next(self._iterator))
+                except StopIteration:
+                    return
+            yield self._batches[index]
+
+
+class _RunLoader:
+    """Run ``index``'s batches of a shared pass over a stacked loader; other attributes (such as
+    ``num_samples``, one run's training set size) are the loader's.
+    """
+
+    def __init__(self, shared: _SharedPass, index: int) -> None:
+        self._shared = shared
+        self._index = index
+
+    def __iter__(self) -> Iterator[Any]:
+        return (_run_slice(batch, self._index) for batch in self._shared)
+
+    def __len__(self) -> int:
+        return len(self._shared.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._shared.loader, name)
+
+
+class _RunDataModule:
+    """A data module as run ``index`` sees it: its ``*_dataloader()`` give run ``index``'s
+    batches; everything else is the data module's.
+    """
+
+    def __init__(self, datamodule: Any, index: int, passes: dict[str, _SharedPass]) -> None:
+        self._datamodule = datamodule
+        self._index = index
+        self._passes = passes
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        value = getattr(self._datamodule, name)
+        if not (name.endswith("_dataloader") and callable(value)):
+            return value
+
+        def loader() -> _RunLoader:
+            key = f"datamodule.{name}"
+            if key not in self._passes:
+                self._passes[key] = _SharedPass(value())
+            return _RunLoader(self._passes[key], self._index)
+
+        return loader
+
+
+class _RunTrainer:
+    """The trainer as run ``index`` sees it in a once-per-fit hook: its training loader and its
+    data module's loaders give run ``index``'s slices of the stacked batches; everything else
+    (``world_size``, ``strategy``, ``current_epoch``, ...) is the trainer's.
+    """
+
+    def __init__(self, trainer: Any, index: int, passes: dict[str, _SharedPass]) -> None:
+        self._trainer = trainer
+        self._index = index
+        self._passes = passes
+
+    @property
+    def train_dataloader(self) -> _RunLoader | None:
+        """Run ``index``'s training batches (also before the fit loop has set its loader up)."""
+        loader = self._trainer.train_dataloader
+        if loader is None:  # on_fit_begin, with loaders given to `fit` (not a data module)
+            source = getattr(self._trainer.fit_loop, "_data_source", None)
+            instance = getattr(source, "instance", None)
+            if not isinstance(instance, LightningModule | LightningDataModule):
+                loader = instance
+        if loader is None:
+            return None
+        if "train_dataloader" not in self._passes:
+            self._passes["train_dataloader"] = _SharedPass(loader)
+        return _RunLoader(self._passes["train_dataloader"], self._index)
+
+    @property
+    def datamodule(self) -> _RunDataModule | None:
+        """The data module, its loaders giving run ``index``'s batches."""
+        datamodule = self._trainer.datamodule
+        return None if datamodule is None else _RunDataModule(datamodule, self._index, self._passes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._trainer, name)
 
 
 def _dispatch(template: _Call, name: str, *args: Any) -> Any:
@@ -143,6 +330,9 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
     :meth:`predict_step` gives the method's prediction contract with a leading run dimension
     (``pred`` ``[K, N, ...]``), for per-run inputs ``[K, N, ...]`` or for inputs ``[N, ...]``
     that every run sees (``shared_inputs=True``).
+
+    The method's lifecycle hooks run per run where it declares them in ``stackable_hooks``; a
+    method overriding another stateful hook is a ``TypeError`` (see the module doc).
     """
 
     def __init__(
@@ -152,14 +342,8 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
     ) -> None:
         super().__init__()
         methods = _methods(method, num_runs)
-        for hook in _STATEFUL_HOOKS:
-            owner = next(c for c in type(methods[0]).__mro__ if hook in vars(c))
-            if owner is not UQMethod and owner is not LightningModule:
-                raise TypeError(
-                    f"StackedRuns cannot stack {type(methods[0]).__name__}: it overrides "
-                    f"`{hook}` ({owner.__name__}), so its state lives outside its parameters and "
-                    f"buffers; fit its runs one by one"
-                )
+        #: the method's hooks that run per run (see the module doc)
+        self._run_hooks = _stackable_hooks(type(methods[0]))
         if len({type(m) for m in methods}) > 1:
             raise TypeError(
                 f"`method`: all runs must be one method class, got "
@@ -195,32 +379,78 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
         return method
 
     # -- the vectorized calls -----------------------------------------------------------------
-    def _vmap(self, name: str, *args: Any, in_dims: tuple = ()) -> Any:
-        """The template's call ``name`` for every run at once (see :class:`_Call`)."""
-        dims = in_dims or (0,) * len(args)
-        if (name, self.training) not in self._warm:
+    def _vmap(
+        self, name: str, *args: Any, in_dims: tuple = (), hooks: tuple[tuple[str, tuple], ...] = ()
+    ) -> Any:
+        """The template's call ``name`` for every run at once, after the per-step ``hooks``
+        (see :class:`_Call`).
+        """
+        args = (hooks, *args)
+        dims = (None, *(in_dims or (0,) * (len(args) - 1)))
+        key = (name, self.training, tuple(hook for hook, _ in hooks))
+        if key not in self._warm:
             self._warm_up(name, args, dims)
-            self._warm.add((name, self.training))
-        return self.runs.call_members(_dispatch, name, *args, in_dims=(None, *dims))
+            self._warm.add(key)
+        # an assignment (not an in-place update) would be lost inside vmap: refused
+        in_place = bool(hooks) or name == "epoch_means"
+        return self.runs.call_members(
+            _dispatch, name, *args, in_dims=(None, *dims), in_place=in_place
+        )
 
     def _warm_up(self, name: str, args: tuple, dims: tuple) -> None:
         """Run the call once on run 0 outside vmap, and undo it: what the network's first call
         prepares (the checked Monte Carlo plan of :mod:`uq_box.nn.graph`) cannot be prepared
-        inside vmap. Random generators and buffers are left as they were.
+        inside vmap. Random generators, parameters and buffers are left as they were.
         """
         first = [_first(a) if d == 0 else a for a, d in zip(args, dims, strict=True)]
-        tensors = self.runs._tensors()
-        buffers = tensors[len(self.runs._param_names) :]
-        saved = [b.clone() for b in buffers]
+        kept = self.runs._tensors()
+        saved = [t.detach().clone() for t in kept]
         template = self.runs._template
         if template.training != self.training:
             template.train(self.training)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            with self.runs._swapped(tuple(t[0] for t in tensors)) as call:
+            with self.runs._swapped(tuple(t[0] for t in kept)) as call:
                 call(name, *first)
         with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
+            for tensor, value in zip(kept, saved, strict=True):
+                tensor.copy_(value)
+        self.method._dtype_reference = None  # may hold run 0's view: found again when needed
+
+    def _step_hooks(self, hook: str, *args: Any) -> tuple[tuple[str, tuple], ...]:
+        """``hook`` with its ``args`` for :meth:`_vmap`, if the method declares it."""
+        return ((hook, args),) if hook in self._run_hooks else ()
+
+    def _per_step_hook(self, hook: str) -> None:
+        """A declared per-step hook for every run at once: one vmap call, without gradients."""
+        hooks = self._step_hooks(hook)
+        if hooks:
+            with torch.no_grad():
+                self._vmap("hooks", hooks=hooks)
+
+    def _per_fit_hook(self, hook: str) -> None:
+        """A declared once-per-fit hook run by run, outside vmap and without gradients: the
+        template holds run ``k``'s slices of the stacked tensors (in-place writes land in the
+        stack, assigned tensors are copied or stacked, see
+        :meth:`~uq_box.nn.ensemble.StackedEnsemble.for_each_member`) and sees the trainer
+        through :class:`_RunTrainer` (run ``k``'s training batches).
+        """
+        if hook not in self._run_hooks:
+            return
+        template = self.method
+        passes: dict[str, _SharedPass] = {}
+        device = getattr(template, "_device", None)
+        template._device = self.device
+
+        def call(index: int, member: _Call) -> None:
+            member.method._trainer = _RunTrainer(self.trainer, index, passes)
+            getattr(member.method, hook)()
+
+        try:
+            self.runs.for_each_member(call)
+        finally:
+            template._trainer = self.trainer
+            template._device = device
+            template._dtype_reference = None  # may hold a run's view: found again when needed
 
     def _as_network_dtype(self, tensor: Tensor) -> Tensor:
         if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
@@ -249,10 +479,17 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Give the template the trainer (epoch count for burn-in, ``N`` from the loader)."""
+        """Give the template the trainer (epoch count for burn-in, ``N`` from the loader), then
+        the method's ``on_fit_begin`` run by run (where declared).
+        """
         template = self.method
         template._trainer = self.trainer
         template._num_training_points = None
+        self._per_fit_hook("on_fit_begin")
+
+    def on_train_end(self) -> None:
+        """The method's ``on_train_done`` run by run (where declared)."""
+        self._per_fit_hook("on_train_done")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the generators' states and the running epoch sums, as a method does."""
@@ -278,12 +515,18 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
         return optimizer_config(optimizer, self.lr_scheduler_fn)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The sum of the runs' objectives (each run's gradient is its own)."""
+        """The sum of the runs' objectives (each run's gradient is its own).
+
+        The method's ``on_train_batch_begin`` (where declared) runs in the objective's vmap call,
+        before it: nothing happens in between (Lightning's ``on_train_batch_start``), and a vmap
+        call of its own would cost as much as a tenth of a small step.
+        """
         x, target = self._batch(batch, "train")
         # the epoch means of the terms are logged, and feed a mean-only network's noise
         # estimate; without either (Trainer(barebones=True)) the objective alone is computed
         keep_terms = not self.trainer.barebones or hasattr(self.method, "noise_std")
-        terms = self._vmap("loss_terms" if keep_terms else "loss", x, target)
+        hooks = self._step_hooks("on_train_batch_begin", batch_idx)
+        terms = self._vmap("loss_terms" if keep_terms else "loss", x, target, hooks=hooks)
         losses = terms["loss"] if keep_terms else terms
         loss = losses.sum()
         if not torch.isfinite(loss):
@@ -297,6 +540,7 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
+        self._per_step_hook("after_optimizer_step")
         if keep_terms:
             self._accumulate("train", terms, x.shape[1])
         return loss.detach()
@@ -335,6 +579,7 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
         if values:
             with torch.no_grad():
                 self._vmap("epoch_means", "train", values, in_dims=(None, 0))
+        self._per_step_hook("on_train_epoch_done")
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation terms and metrics (means over runs)."""

@@ -159,6 +159,10 @@ def _slots(
     return [slots[n] for n in param_names + buffer_names]
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
 def reinitialized(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every ``reset_parameters`` called (a fresh random init)."""
     member = copy.deepcopy(model)
@@ -229,20 +233,30 @@ class StackedEnsemble(nn.Module):
         return params + tuple(getattr(self, "buffer:" + _key(n)) for n in self._buffer_names)
 
     @contextmanager
-    def _swapped(self, tensors: Sequence[Tensor]) -> Iterator[nn.Module]:
+    def _swapped(
+        self, tensors: Sequence[Tensor], replaced: dict[int, Tensor] | None = None
+    ) -> Iterator[nn.Module]:
         """The template with ``tensors`` (one member's, or batched ones inside vmap) in place.
 
         The per-call cost of ``torch.func.functional_call`` (a module lookup per name) matters
         at every training step of small networks; the slots are looked up once. A template with
         parametrizations (``torch.nn.utils.parametrize``) goes through ``functional_call``.
+
+        With ``replaced`` given, a tensor that the call put in place of one of ``tensors`` (a
+        hook that assigns a new buffer instead of writing in place) is collected there, by its
+        position in ``tensors``, when the context exits without an error.
         """
         template = self._template
         if self._slots is None:
             names = self._param_names + self._buffer_names
-            with torch.nn.utils.stateless._reparametrize_module(
-                template, dict(zip(names, tensors, strict=True)), tie_weights=True
-            ):
+            state = dict(zip(names, tensors, strict=True))
+            # on exit, the tensors found in place are written back into `state`
+            with torch.nn.utils.stateless._reparametrize_module(template, state, tie_weights=True):
                 yield template
+            if replaced is not None:
+                for index, (name, tensor) in enumerate(zip(names, tensors, strict=True)):
+                    if state[name] is not tensor:
+                        replaced[index] = state[name]
             return
         saved = []
         for slots, tensor in zip(self._slots, tensors, strict=True):
@@ -251,12 +265,21 @@ class StackedEnsemble(nn.Module):
                 owner[leaf] = tensor
         try:
             yield template
+            if replaced is not None:
+                for index, (slots, tensor) in enumerate(zip(self._slots, tensors, strict=True)):
+                    for owner, leaf in slots:
+                        if owner[leaf] is not tensor:
+                            replaced[index] = owner[leaf]
         finally:
             for owner, leaf, value in reversed(saved):
                 owner[leaf] = value
 
     def call_members(
-        self, fn: Callable[..., Any], *args: Any, in_dims: Sequence[int | None] | None = None
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        in_dims: Sequence[int | None] | None = None,
+        in_place: bool = False,
     ) -> Any:
         """``fn(template, *args)`` for every member at once: one ``torch.func.vmap`` call in
         which the template holds the member's parameters and buffers.
@@ -264,18 +287,109 @@ class StackedEnsemble(nn.Module):
         ``args`` are batched along dimension 0 (one slice per member) where ``in_dims`` says 0
         and shared where it says ``None`` (default: all shared). Random draws differ between
         members (``randomness="different"``). The one stacked-parameter call of uq_box.
+
+        ``fn`` may update the members' tensors in place (a buffer's ``copy_``, ``add_``); with
+        ``in_place``, one that puts a new tensor in place of a parameter or buffer (inside vmap
+        its value would be lost) is a ``RuntimeError``.
         """
         if self._template.training != self.training:
             self._template.train(self.training)
         dims = (0, *((None,) * len(args) if in_dims is None else in_dims))
 
         def call(tensors: tuple[Tensor, ...], *a: Any) -> Any:
-            with self._swapped(tensors) as template:
-                return fn(template, *a)
+            replaced: dict[int, Tensor] | None = {} if in_place else None
+            with self._swapped(tensors, replaced) as template:
+                out = fn(template, *a)
+            if replaced:
+                raise RuntimeError(
+                    f"{self._names_of(replaced)} got a new tensor inside a vectorized call over "
+                    f"the stacked members, where only in-place updates reach the stack; write "
+                    f"them in place (`copy_`, `fill_`, `add_`) instead of assigning"
+                )
+            return out
 
         tensors = self._tensors()
         with batchable_attention(tensors[0].device):  # no per-member fallback for attention
             return vmap(call, in_dims=dims, randomness="different")(tensors, *args)
+
+    def for_each_member(self, fn: Callable[[int, nn.Module], Any]) -> None:
+        """``fn(index, template)`` for every member in turn, outside vmap and without gradients.
+
+        The template holds views of member ``index``'s slices of the stacked tensors, so
+        in-place writes (``copy_``, ``fill_``) land in the stack. For work that cannot be
+        vectorized (a data-dependent fit, a loop over a loader). A tensor that ``fn`` puts in
+        place of one of the member's (an assignment instead of an in-place write) is kept too: of
+        the member's shape and dtype it is copied into the member's slice; a buffer that every
+        member replaces by one of a new shape or dtype (a buffer sized by a fit) is stacked anew.
+        Anything else (a parameter of a new shape, members that disagree) is a ``RuntimeError``.
+        """
+        if self._template.training != self.training:
+            self._template.train(self.training)
+        stacked = self._tensors()
+        new: dict[int, list[Tensor | None]] = {}
+        with torch.no_grad():
+            for index in range(self.num_members):
+                replaced: dict[int, Tensor] = {}
+                with self._swapped(tuple(t[index] for t in stacked), replaced) as template:
+                    fn(index, template)
+                for position, tensor in replaced.items():
+                    new.setdefault(position, [None] * self.num_members)[index] = tensor
+            resized = {}
+            for position, values in new.items():
+                target = stacked[position]
+                for index, value in enumerate(values):
+                    if value is not None and _same_layout(value, target[index]):
+                        target[index].copy_(value)
+                        values[index] = None
+                values = [v for v in values if v is not None]
+                if not values:
+                    continue
+                name = self._names_of({position: values[0]})
+                layouts = sorted({(tuple(v.shape), str(v.dtype)) for v in values})
+                if position < len(self._param_names) or len(values) < self.num_members:
+                    raise RuntimeError(
+                        f"{name} got a tensor of a new shape or dtype {layouts} in "
+                        f"{len(values)} of {self.num_members} members (the stack holds "
+                        f"{tuple(target.shape[1:])}, {target.dtype}); only a buffer that every "
+                        f"member resizes alike can be stacked anew"
+                    )
+                if len(layouts) > 1:
+                    raise RuntimeError(
+                        f"{name}: the members' new tensors differ in shape or dtype {layouts}; "
+                        f"they cannot be stacked"
+                    )
+                resized[position] = torch.stack([v.to(target.device) for v in values])
+        for position, value in resized.items():
+            self._set_buffer(self._buffer_names[position - len(self._param_names)], value)
+
+    def _names_of(self, positions: dict[int, Any]) -> str:
+        """The dotted names of the stacked tensors at ``positions`` (see :meth:`_tensors`)."""
+        names = self._param_names + self._buffer_names
+        return ", ".join(f"`{names[p]}`" for p in sorted(positions))
+
+    def _set_buffer(self, name: str, value: Tensor) -> None:
+        """Replace the stacked buffer ``name`` by ``value`` ``[M, ...]`` of another shape."""
+        setattr(self, "buffer:" + _key(name), value)
+        meta = torch.empty(value.shape[1:], dtype=value.dtype, device="meta")
+        aliases = [a for a, n in self._aliases["buffers"].items() if n == name]
+        _place(self._template, dict.fromkeys(aliases, meta))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Resize a stacked buffer to a saved one of the same number of members (a buffer sized
+        by a fit, see :meth:`for_each_member`); parameters must match.
+        """
+        for name in self._buffer_names:
+            key = "buffer:" + _key(name)
+            saved, current = state_dict.get(prefix + key), getattr(self, key)
+            if (
+                isinstance(saved, Tensor)
+                and saved.shape != current.shape
+                and saved.shape[:1] == current.shape[:1]
+            ):
+                self._set_buffer(name, torch.empty_like(saved, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         params = {n: self.params[_key(n)] for n in self._param_names}

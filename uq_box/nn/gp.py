@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from uq_box.checks import positive_finite, positive_int
+from uq_box.nn.graph import in_functorch_transform
 
 __all__ = ["RandomFeatureGP"]
 
@@ -107,6 +108,8 @@ class RandomFeatureGP(nn.Module):
     def _precision_cholesky(self) -> Tensor:
         """Cholesky factor of the precision in float64, cached while the precision is unchanged."""
         p = self.precision
+        if in_functorch_transform():  # stacked runs: a batched tensor, nothing to cache
+            return torch.linalg.cholesky(p.detach().double())
         key = (p._version, p.data_ptr(), p.device, p.dtype)
         if self._cholesky is None or self._cholesky[0] != key:
             self._cholesky = (key, torch.linalg.cholesky(p.detach().double()))

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.functional import softplus
 
 from uq_box.checks import non_negative_finite, positive_finite, positive_int
+from uq_box.nn.graph import in_functorch_transform
 
 __all__ = [
     "KERNELS",
@@ -211,6 +212,8 @@ class SparseVariationalGP(nn.Module):
         z = self.inducing_points
         kzz = self.kernel(z, z)
         eye = torch.eye(self.num_inducing, dtype=kzz.dtype, device=kzz.device)
+        if in_functorch_transform():
+            return self._vectorized_cholesky(kzz, eye)
         jitter = self.jitter
         for attempt in range(_JITTER_RETRIES + 1):
             shifted = kzz + (jitter * self.outputscale)[:, None, None] * eye
@@ -222,6 +225,23 @@ class SparseVariationalGP(nn.Module):
             f"the Cholesky factorization of K(Z, Z) failed with a jitter up to {jitter:g} times "
             f"the output scale; the inducing points may coincide or the length scale be huge"
         )
+
+    def _vectorized_cholesky(self, kzz: Tensor, eye: Tensor) -> Tensor:
+        """:meth:`inducing_cholesky` inside ``torch.func.vmap`` (stacked runs), where no Python
+        branch may read a tensor: every jitter of the retries is tried without gradients, and
+        the factor of the first that succeeds is computed with them (NaN if none succeeds: the
+        loss is then non-finite, which stops training).
+        """
+        jitters = [self.jitter]
+        for _ in range(_JITTER_RETRIES):
+            jitters.append(max(jitters[-1] * 10, 1e-8))
+        scale = self.outputscale[:, None, None] * eye
+        with torch.no_grad():
+            chosen = torch.full((), math.nan, dtype=kzz.dtype, device=kzz.device)
+            for jitter in reversed(jitters):  # the first success wins: try it last
+                info = torch.linalg.cholesky_ex(kzz + jitter * scale).info
+                chosen = torch.where((info == 0).all(), jitter, chosen)
+        return torch.linalg.cholesky_ex(kzz + chosen * scale).L
 
     # -- the predictive and the KL -------------------------------------------------------------
     def marginals(self, h: Tensor) -> tuple[Tensor, Tensor]:
