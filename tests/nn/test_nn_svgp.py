@@ -170,3 +170,27 @@ def test_kmeans_and_initialize():
         gp.marginals(torch.randn(4, 3))
     with pytest.raises(ValueError, match="`kernel`"):
         SparseVariationalGP(2, 1, kernel="periodic")
+
+
+def test_cholesky_inside_vmap_takes_the_jitter_the_retries_take():
+    """Inside ``torch.func.vmap`` (stacked runs) the factor of ``K(Z, Z)`` is the one the
+    sequential retries find, per member: coincident inducing points need a larger jitter."""
+    torch.manual_seed(0)
+    gp = SparseVariationalGP(2, 1, num_inducing=3, jitter=1e-9)
+    spread = torch.randn(3, 2)
+    coincident = torch.ones(3, 2)
+    expected = []
+    for z in (spread, coincident):
+        with torch.no_grad():
+            gp.inducing_points.copy_(z)
+        expected.append(gp.inducing_cholesky())
+
+    kzz = gp.kernel(coincident, coincident)
+    assert torch.linalg.cholesky_ex(kzz + 1e-9 * torch.eye(3)).info.item() > 0  # retries needed
+
+    def cholesky(z):
+        with torch.nn.utils.stateless._reparametrize_module(gp, {"inducing_points": z}):
+            return gp.inducing_cholesky()
+
+    got = torch.func.vmap(cholesky)(torch.stack([spread, coincident]))
+    torch.testing.assert_close(got, torch.stack(expected))
