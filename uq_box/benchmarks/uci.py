@@ -615,6 +615,10 @@ def target_check(results: Any) -> tuple[str, list[str]]:
     return head + "\n" + "\n".join(lines), missed
 
 
+# matplotlib's default cycle without its grey (C7), which the published numbers use
+_METHOD_COLORS = tuple(f"C{i}" for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+
+
 def plot_results(results: Any, path: str | Path) -> Path:
     """Mean ± standard error of test RMSE and log-likelihood per data set and method (PNG)."""
     import matplotlib
@@ -638,7 +642,7 @@ def plot_results(results: Any, path: str | Path) -> Path:
             for i, (label, key) in enumerate(entries):
                 if key in METHODS:
                     m, s = mean.loc[(dataset, key), metric], se.loc[(dataset, key), metric]
-                    marker = "o"
+                    marker, color = "o", _METHOD_COLORS[methods.index(key) % len(_METHOD_COLORS)]
                 else:
                     pub = published[
                         (published["dataset"] == dataset)
@@ -648,8 +652,9 @@ def plot_results(results: Any, path: str | Path) -> Path:
                     if pub.empty:
                         continue
                     m, s = float(pub["mean"].iloc[0]), float(pub["standard_error"].iloc[0])
-                    marker = "s"
-                ax.errorbar(i, m, yerr=s, fmt=marker, color=f"C{i}", label=label, capsize=2)
+                    # published numbers in greys, so the method colors stay distinct
+                    marker, color = "s", str(0.15 + 0.25 * (i % 3))
+                ax.errorbar(i, m, yerr=s, fmt=marker, color=color, label=label, capsize=2)
             ax.set_xticks([])
             ax.set_title(dataset if row == 0 else "", fontsize=8)
             ax.tick_params(labelsize=7)
