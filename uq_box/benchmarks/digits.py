@@ -183,9 +183,10 @@ NOT_BENCHMARKED = {
     "PSGLDClassification": "a fixed-sampler alias of SGMCMCClassification (the pSGLD row)",
     "SGHMCClassification": "a fixed-sampler alias of SGMCMCClassification (the SGHMC row)",
     "ConformalClassification": "the set-size and coverage columns of every row",
-    "StackedRuns[DeepEnsembleClassification]": "runs several fits as one; not a method",
+    "StackedRuns": "runs several fits of a method as one (every entry); the method has its row",
 }
-"""Classification entries of the registry without a row of their own, and why."""
+"""Classification entries of the registry (by label, or by class for all its entries) without a
+row of their own, and why."""
 
 COLUMNS = (
     ("accuracy", "accuracy ↑", 3),
