@@ -641,7 +641,12 @@ class NormalInverseGammaNLL(Likelihood):
         """The marginal's ``(loc gamma, scale, df 2 alpha)``, each ``[..., T]``; the scale is
         ``sqrt(beta (1 + nu) / (nu alpha))``, widened by the grid step's rounding error.
         """
-        gamma, nu, alpha, beta = self.parameters_of(outputs)
+        return self._marginal(*self.parameters_of(outputs))
+
+    def _marginal(
+        self, gamma: Tensor, nu: Tensor, alpha: Tensor, beta: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`student_t` from the parameters of :meth:`parameters_of`."""
         scale = self.with_rounding(torch.sqrt(beta * (1.0 + nu) / (nu * alpha)))
         return gamma, scale, 2.0 * alpha
 
@@ -657,10 +662,10 @@ class NormalInverseGammaNLL(Likelihood):
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         """Mean NIG NLL plus ``coeff`` times the mean evidence regularizer."""
-        nll = -self.log_prob(outputs, target).mean()
+        gamma, nu, alpha, beta = self.parameters_of(outputs)
+        nll = -student_t_log_prob(target, *self._marginal(gamma, nu, alpha, beta)).mean()
         if self.coeff == 0:
             return nll
-        gamma, nu, alpha, _ = self.parameters_of(outputs)
         return nll + self.coeff * ((target - gamma).abs() * (2.0 * nu + alpha)).mean()
 
     def extra_repr(self) -> str:

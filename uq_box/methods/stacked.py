@@ -278,13 +278,6 @@ def _dispatch(template: _Call, name: str, *args: Any) -> Any:
     return template(name, *args)
 
 
-def _first(value: Any) -> Any:
-    """Run 0's slice of a batched argument (a tensor or a dict of tensors)."""
-    if isinstance(value, dict):
-        return {k: v[0] for k, v in value.items()}
-    return value[0]
-
-
 def _methods(
     method: UQMethod | Sequence[UQMethod] | Callable[[], UQMethod], num_runs: int | None
 ) -> list[UQMethod]:
@@ -402,7 +395,7 @@ class StackedRuns(FastHookBookkeeping, LightningModule):
         prepares (the checked Monte Carlo plan of :mod:`uq_box.nn.graph`) cannot be prepared
         inside vmap. Random generators, parameters and buffers are left as they were.
         """
-        first = [_first(a) if d == 0 else a for a, d in zip(args, dims, strict=True)]
+        first = [_run_slice(a, 0) if d == 0 else a for a, d in zip(args, dims, strict=True)]
         kept = self.runs._tensors()
         saved = [t.detach().clone() for t in kept]
         template = self.runs._template
